@@ -1,0 +1,215 @@
+"""The FLM / FMLM denoiser f(x, t[, t']) of SPEC section 2, one definition for every size.
+
+Read top to bottom: config -> time embedding -> rotary -> attention with soft-capped scores -> block -> output
+layer -> denoiser. Parameter names equal the published state-dict keys (without the ``backbone.`` prefix), so a
+checkpoint loads with a plain ``load_state_dict``.
+
+Precision: everything is written so that running it inside ``torch.autocast(dtype=torch.bfloat16)`` reproduces
+the reference's mixed precision (embedding in fp32, matmuls in bf16, LayerNorm in fp32, residual stream in fp32).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN_SOFTCAP = 50.0
+LOGIT_SOFTCAP = 30.0
+TIME_FREQ_DIM = 256
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    length: int
+    hidden_size: int = 768
+    n_blocks: int = 12
+    n_heads: int = 12
+    cond_dim: int = 128
+    two_time: bool = True
+    # Not architecture, but travels with a checkpoint:
+    tokenizer: Optional[str] = None  # "gpt2" | "bert-base-uncased" | None (unknown: ids only)
+    default_stochasticity: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "length", "hidden_size", "n_blocks", "n_heads", "cond_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+        if (self.hidden_size // self.n_heads) % 2:
+            raise ValueError(f"head size {self.hidden_size // self.n_heads} must be even for rotary embeddings")
+        if not 0.0 <= float(self.default_stochasticity) <= 1.0:
+            raise ValueError(f"default_stochasticity must lie in [0, 1], got {self.default_stochasticity}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def timestep_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM) -> torch.Tensor:
+    """[B] -> [B, dim] sinusoidal features, cos first, w_i = exp(-ln(10000) i / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def cos_sin(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(seq_len, dtype=torch.float32, device=device)
+        angles = pos[:, None] * self.inv_freq.float()[None, :]  # [L, d/2]
+        return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Halves convention: x = [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]. x [B, H, L, d], cos/sin [L, d/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class LayerNorm(nn.Module):
+    """Mean/variance normalisation over D in fp32 (eps 1e-5, no bias), then a learned scale."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(x.float(), [self.dim], eps=1e-5)
+        return x * self.weight[None, None, :]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention with scores 50 * tanh(q.k / sqrt(d) / 50). q, k, v [B, H, L, d]."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = ATTN_SOFTCAP * torch.tanh(scores / ATTN_SOFTCAP)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_heads = cfg.n_heads
+        self.norm1 = LayerNorm(d)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, l, d = x.shape
+        h = self.n_heads
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=2)
+
+        a = modulate(self.norm1(x), shift1, scale1)
+        qkv = self.attn_qkv(a).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = softcapped_attention(q, k, v).transpose(1, 2).reshape(b, l, d)
+        x = x + gate1 * self.attn_out(o)
+
+        m = modulate(self.norm2(x), shift2, scale2)
+        return x + gate2 * self.mlp(m)
+
+
+class OutputLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.hidden_size)
+        self.linear = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=2)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.normal_(self.embedding, std=dim**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.int64, torch.int32):
+            return F.embedding(x, self.embedding)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 in the reference, always
+            return torch.matmul(x.float(), self.embedding.float())
+
+
+class Denoiser(nn.Module):
+    """f(x, t[, t']) -> raw logits z [B, L, V] (before the 30-soft-cap; see ``softcap_logits``).
+
+    x: float [B, L, V] (a point on the noisy one-hot path) or int ids [B, L]; t, t_prime: float [B] in [0, 1].
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.vocab_embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        if cfg.two_time:
+            self.sigma_map_prime = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.head_dim)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_blocks)])
+        self.output_layer = OutputLayer(cfg)
+
+    def conditioning(self, t: torch.Tensor, t_prime: Optional[torch.Tensor]) -> torch.Tensor:
+        c = self.sigma_map(t)
+        if self.config.two_time:
+            if t_prime is None:
+                raise ValueError("this is a two-time (FMLM) model: pass t_prime as well as t")
+            c = c + self.sigma_map_prime(t_prime)
+        return F.silu(c)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.vocab_embed(x)
+        c = self.conditioning(t, t_prime)
+        cos, sin = self.rotary_emb.cos_sin(h.shape[1], h.device)
+        for block in self.blocks:
+            h = block(h, c, cos, sin)
+        return self.output_layer(h, c)
+
+
+def softcap_logits(z: torch.Tensor, cap: float = LOGIT_SOFTCAP) -> torch.Tensor:
+    """The released revision's logit soft-cap: cap * tanh(z / cap)."""
+    return cap * torch.tanh(z / cap)

@@ -1,0 +1,113 @@
+"""The FMLM (two-time flow map) and FLM (one-time Euler) samplers of SPEC section 4.
+
+Both samplers are written as a *plan*: for each step the network times and three float64 coefficients
+(a, b, c) such that the state update is one fused operation,
+
+    z_{i+1} = a * z_i + b * P(f(z_i, ...)) + c * eps_i          (P = softmax of the 30-soft-capped logits)
+
+FMLM, step i < n-1 (s = stochasticity, g_i = gamma(i/n), sig = 1 - g_{i+1}, sig~ = sig sqrt(1 - s^2),
+g~ = 1 - sig~): expanding z~ = (1-g~)/(1-g_i) z_i + (g~-g_i)/(1-g_i) D and z_{i+1} = z~ + (sig~-sig) D + s sig eps
+gives a = (1-g~)/(1-g_i), b = (g~-g_i)/(1-g_i) + (sig~-sig), c = s sig. The network is called at
+(tau_i, alpha(g~)).
+FLM, step i < n-1: h = (g_{i+1}-g_i)/(1-g_i+1e-5), a = 1-h, b = h, c = 0; the network is called at tau_i.
+The last step of either sampler sets z_n = D, whose argmax over V is the output; it is taken over the
+soft-capped fp32 (or bf16) logits, which orders tokens exactly as the probabilities do.
+
+Gaussian draws are consumed in SPEC order: z_0, then eps_0, eps_1, ... only for steps with c != 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import ops
+from .model import LOGIT_SOFTCAP, Denoiser, softcap_logits
+from .schedule import alpha_of_gamma, gamma_grid
+
+FLM_EULER_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    t: float                  # network time tau_i
+    t_prime: Optional[float]  # second network time (two-time models), else None
+    a: float
+    b: float
+    c: float
+    last: bool
+
+    @property
+    def uses_draw(self) -> bool:
+        return not self.last and self.c != 0.0
+
+
+def make_plan(*, two_time: bool, steps: int, stochasticity: float, vocab_size: int) -> tuple[SamplerStep, ...]:
+    """The per-step times and coefficients for `steps` steps; see the module docstring."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    s = float(stochasticity)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"stochasticity must lie in [0, 1], got {stochasticity!r}")
+    g = gamma_grid(steps, vocab_size)
+    plan = []
+    for i in range(steps):
+        t = i / steps
+        last = i == steps - 1
+        if two_time:
+            sig = 1.0 - g[i + 1]
+            sig_t = sig * (1.0 - s * s) ** 0.5
+            g_t = 1.0 - sig_t
+            t_prime = float(alpha_of_gamma(g_t, vocab_size))
+            if last:
+                a, b, c = 0.0, 1.0, 0.0
+            else:
+                a = (1.0 - g_t) / (1.0 - g[i])
+                b = (g_t - g[i]) / (1.0 - g[i]) + (sig_t - sig)
+                c = s * sig
+            plan.append(SamplerStep(t, t_prime, a, b, c, last))
+        else:
+            if last:
+                a, b, c = 0.0, 1.0, 0.0
+            else:
+                h = (g[i + 1] - g[i]) / (1.0 - g[i] + FLM_EULER_EPS)
+                a, b, c = 1.0 - h, h, 0.0
+            plan.append(SamplerStep(t, None, a, b, c, last))
+    return tuple(plan)
+
+
+def draws_needed(plan: Sequence[SamplerStep]) -> int:
+    return 1 + sum(st.uses_draw for st in plan)
+
+
+def run_plan(
+    denoiser: Denoiser,
+    plan: Sequence[SamplerStep],
+    draw: Callable[[int], torch.Tensor],
+    *,
+    kernels: Optional[str] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """Run the sampler. draw(j) returns the j-th standard-normal draw, fp32 [B, L, V]. Returns ids [B, L]."""
+    z = draw(0)
+    b = z.shape[0]
+    used = 1
+    for i, st in enumerate(plan):
+        t = torch.full((b,), st.t, dtype=torch.float32, device=z.device)
+        tp = None if st.t_prime is None else torch.full((b,), st.t_prime, dtype=torch.float32, device=z.device)
+        logits = denoiser(z, t, tp)
+        if st.last:
+            ids, _ = ops.vocab_argmax(softcap_logits(logits, LOGIT_SOFTCAP), backend=kernels)
+            if on_step is not None:
+                on_step(i)
+            return ids
+        eps = None
+        if st.uses_draw:
+            eps = draw(used)
+            used += 1
+        coef = torch.tensor([st.a, st.b, st.c], dtype=torch.float32, device=z.device)
+        z = ops.flow_map_step(z, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
+        if on_step is not None:
+            on_step(i)
+    raise AssertionError("a plan always ends with a last step")
