@@ -106,9 +106,15 @@ class LayerNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = F.layer_norm(x.float(), [self.dim], eps=1e-5)
-        return x * self.weight[None, None, :]
+        return _fp32(lambda: F.layer_norm(x.float(), [self.dim], eps=1e-5), x) * self.weight[None, None, :]
+
+
+def _fp32(fn, like: torch.Tensor) -> torch.Tensor:
+    """Run fn with autocast off (only entered when autocast is on, so exporters see plain ops)."""
+    if torch.is_autocast_enabled(like.device.type):
+        with torch.autocast(device_type=like.device.type, enabled=False):
+            return fn()
+    return fn()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -171,9 +177,8 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.int64, torch.int32):
-            return F.embedding(x, self.embedding)
-        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 in the reference, always
-            return torch.matmul(x.float(), self.embedding.float())
+            return F.embedding(x, self.embedding).float()
+        return _fp32(lambda: torch.matmul(x.float(), self.embedding.float()), x)  # fp32 in the reference, always
 
 
 class Denoiser(nn.Module):
@@ -192,6 +197,20 @@ class Denoiser(nn.Module):
         self.rotary_emb = Rotary(cfg.head_dim)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_blocks)])
         self.output_layer = OutputLayer(cfg)
+        self.compute_dtype = torch.float32
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> "Denoiser":
+        """fp32, or bf16/fp16 mixed precision as the reference runs on GPU: embedding and time conditioning in
+        fp32, blocks and output layer under autocast. The Linear weights there are stored in the low precision
+        (exactly what autocast would cast them to on every call); LayerNorm weights stay fp32."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.compute_dtype = dtype
+        for part in (self.blocks, self.output_layer):
+            for m in part.modules():
+                if isinstance(m, nn.Linear):
+                    m.to(dtype if dtype != torch.float32 else torch.float32)
+        return self
 
     def conditioning(self, t: torch.Tensor, t_prime: Optional[torch.Tensor]) -> torch.Tensor:
         c = self.sigma_map(t)
@@ -205,6 +224,12 @@ class Denoiser(nn.Module):
         h = self.vocab_embed(x)
         c = self.conditioning(t, t_prime)
         cos, sin = self.rotary_emb.cos_sin(h.shape[1], h.device)
+        if self.compute_dtype == torch.float32:
+            return self._body(h, c, cos, sin)
+        with torch.autocast(device_type=h.device.type, dtype=self.compute_dtype):
+            return self._body(h, c, cos, sin)
+
+    def _body(self, h, c, cos, sin):
         for block in self.blocks:
             h = block(h, c, cos, sin)
         return self.output_layer(h, c)

@@ -1,0 +1,33 @@
+"""Exceptions raised by flm_rt. Each names the problem and what to do about it."""
+
+
+class FlmError(Exception):
+    """Base class of every error flm_rt raises on purpose."""
+
+
+class CheckpointError(FlmError, ValueError):
+    """A checkpoint file or directory is missing, corrupt, truncated or inconsistent."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint pickle asks for code execution (e.g. os.system through __reduce__); it is never run."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint holds NaN or infinite weights."""
+
+
+class ConfigError(FlmError, ValueError):
+    """Architecture or generation settings are missing, invalid, or disagree with the weights."""
+
+
+class GenerationError(FlmError, ValueError):
+    """Invalid arguments to generate() (steps, stochasticity, noise, num_samples, seq_len...)."""
+
+
+class DeviceError(FlmError, RuntimeError):
+    """The requested device is not available."""
+
+
+class TokenizerError(FlmError, RuntimeError):
+    """No tokenizer is known for this vocabulary, or its data files cannot be found."""
