@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import nvtx
+
 ATTN_SOFTCAP = 50.0
 LOGIT_SOFTCAP = 30.0
 TIME_FREQ_DIM = 256
@@ -221,8 +223,9 @@ class Denoiser(nn.Module):
         return F.silu(c)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.vocab_embed(x)
-        c = self.conditioning(t, t_prime)
+        with nvtx.range("embedding"):
+            h = self.vocab_embed(x)
+            c = self.conditioning(t, t_prime)
         cos, sin = self.rotary_emb.cos_sin(h.shape[1], h.device)
         if self.compute_dtype == torch.float32:
             return self._body(h, c, cos, sin)
@@ -230,9 +233,11 @@ class Denoiser(nn.Module):
             return self._body(h, c, cos, sin)
 
     def _body(self, h, c, cos, sin):
-        for block in self.blocks:
-            h = block(h, c, cos, sin)
-        return self.output_layer(h, c)
+        for i, block in enumerate(self.blocks):
+            with nvtx.range(f"block{i}"):
+                h = block(h, c, cos, sin)
+        with nvtx.range("output_layer"):
+            return self.output_layer(h, c)
 
 
 def softcap_logits(z: torch.Tensor, cap: float = LOGIT_SOFTCAP) -> torch.Tensor:

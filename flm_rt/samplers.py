@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import ops
+from . import nvtx, ops
 from .model import LOGIT_SOFTCAP, Denoiser, softcap_logits
 from .schedule import alpha_of_gamma, gamma_grid
 
@@ -98,7 +98,8 @@ def run_plan(
         tp = None if st.t_prime is None else torch.full((b,), st.t_prime, dtype=torch.float32, device=z.device)
         logits = denoiser(z, t, tp)
         if st.last:
-            ids, _ = ops.vocab_argmax(softcap_logits(logits, LOGIT_SOFTCAP), backend=kernels)
+            with nvtx.range("argmax"):
+                ids, _ = ops.vocab_argmax(softcap_logits(logits, LOGIT_SOFTCAP), backend=kernels)
             if on_step is not None:
                 on_step(i)
             return ids
@@ -107,7 +108,8 @@ def run_plan(
             eps = draw(used)
             used += 1
         coef = torch.tensor([st.a, st.b, st.c], dtype=torch.float32, device=z.device)
-        z = ops.flow_map_step(z, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
+        with nvtx.range("flow_map_step"):
+            z = ops.flow_map_step(z, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
         if on_step is not None:
             on_step(i)
     raise AssertionError("a plan always ends with a last step")
