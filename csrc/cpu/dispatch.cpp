@@ -1,0 +1,41 @@
+#include "dispatch.h"
+
+#include <ATen/Version.h>
+
+namespace flm_rt::cpu {
+
+namespace {
+KernelTable make_table() {
+  const std::string cap = at::get_cpu_capability();
+#if defined(FLM_RT_HAVE_CPU_AVX512)
+  if (cap.find("AVX512") != std::string::npos) {
+    return {"AVX512", &AVX512::step_rows, &AVX512::argmax_rows, &AVX512::describe};
+  }
+#endif
+#if defined(FLM_RT_HAVE_CPU_AVX2)
+  if (cap.find("AVX2") != std::string::npos || cap.find("AVX512") != std::string::npos) {
+    return {"AVX2", &AVX2::step_rows, &AVX2::argmax_rows, &AVX2::describe};
+  }
+#endif
+  (void)cap;
+  return {"DEFAULT", &DEFAULT::step_rows, &DEFAULT::argmax_rows, &DEFAULT::describe};
+}
+}  // namespace
+
+const KernelTable& kernels() {
+  static const KernelTable table = make_table();
+  return table;
+}
+
+std::vector<std::string> compiled_capabilities() {
+  std::vector<std::string> caps{"DEFAULT"};
+#if defined(FLM_RT_HAVE_CPU_AVX2)
+  caps.emplace_back("AVX2");
+#endif
+#if defined(FLM_RT_HAVE_CPU_AVX512)
+  caps.emplace_back("AVX512");
+#endif
+  return caps;
+}
+
+}  // namespace flm_rt::cpu

@@ -1,0 +1,25 @@
+// Run-time choice between the per-capability copies of the CPU row kernels.
+#pragma once
+
+#include "vec_kernels.h"
+
+#include <string>
+#include <vector>
+
+namespace flm_rt::cpu {
+
+struct KernelTable {
+  const char* capability;  // "DEFAULT", "AVX2" or "AVX512"
+  void (*step_rows)(const StepParams&, int64_t, int64_t, float*);
+  void (*argmax_rows)(const ArgmaxParams&, int64_t, int64_t);
+  const char* (*describe)();
+};
+
+// The best compiled copy that PyTorch's own CPU capability (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY) allows. Chosen on first use.
+const KernelTable& kernels();
+
+// Capabilities compiled into this build, e.g. {"DEFAULT", "AVX2", "AVX512"}.
+std::vector<std::string> compiled_capabilities();
+
+}  // namespace flm_rt::cpu

@@ -1,0 +1,284 @@
+// Vectorised row kernels for the CPU operators (see vec_kernels.h).
+//
+// Compiled several times, once per CPU capability, with
+//   -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512> -DCPU_CAPABILITY_<...> and the matching -m flags,
+// so at::vec::Vectorized<float> maps to 8 (generic), 8 (AVX2) or 16 (AVX512) lanes and the
+// transcendental functions (tanh, exp) come from SLEEF's 1-ULP variants (std:: for DEFAULT).
+// Everything here lives in namespace flm_rt::cpu::CPU_CAPABILITY; nothing is shared between copies.
+
+#include "vec_kernels.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#ifndef CPU_CAPABILITY
+#error "vec_kernels.cpp must be compiled with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
+#endif
+
+#define FLM_RT_STR_(x) #x
+#define FLM_RT_STR(x) FLM_RT_STR_(x)
+
+namespace flm_rt::cpu::CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline Vec load_full(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+// Loads n < kW elements; the other lanes are 0.
+template <typename T>
+inline Vec load_part(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    alignas(64) float tmp[kW];
+    for (int64_t i = 0; i < kW; ++i) tmp[i] = i < n ? static_cast<float>(p[i]) : 0.0f;
+    return Vec::loadu(tmp);
+  }
+}
+
+inline float reduce_sum(const Vec& v) {
+  alignas(64) float t[kW];
+  v.store(t);
+  // Pairwise, fixed order: deterministic and a little more accurate than a left fold.
+  for (int64_t w = kW / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// Max over the lanes; NaN if any lane is NaN.
+inline float reduce_max(const Vec& v) {
+  alignas(64) float t[kW];
+  v.store(t);
+  float m = t[0];
+  for (int64_t i = 0; i < kW; ++i) {
+    if (std::isnan(t[i])) return t[i];
+    if (t[i] > m) m = t[i];
+  }
+  return m;
+}
+
+// cap * tanh(x / cap), written exactly as the reference (division, then tanh, then multiply).
+inline Vec soft_cap(const Vec& x, const Vec& vcap) { return (x / vcap).tanh() * vcap; }
+
+// ---------------------------------------------------------------------------------------------
+// flow_map_step:  out = a*z + b*softmax(cap*tanh(logits/cap)) + c*eps      (per row)
+//
+// Pass 1 reads the logits row once and leaves e = exp(y - shift) in `buf` (V floats, stays in L2),
+// summing it on the way. For 0 < cap <= kFixedShiftMaxCap the capped logits are bounded, so shift = 0
+// needs no max (one read, one tanh and one exp per element). Otherwise y is staged in `buf` while the
+// (NaN-propagating) max is taken, then turned into e in place from cache.
+// Pass 2 reads z (and eps) and writes the output row.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void step_row(const T* __restrict__ lg, const float* z, const float* __restrict__ eps, float* out, float a,
+              float b, float c, int64_t V, float cap, float* __restrict__ buf) {
+  const bool capped = cap > 0.0f;
+  const bool fixed_shift = capped && cap <= 60.0f;  // == kFixedShiftMaxCap in common.h
+  const Vec vcap(capped ? cap : 1.0f);
+  const Vec zero(0.0f);
+  float sum;
+
+  if (fixed_shift) {
+    Vec acc0(0.0f), acc1(0.0f);
+    int64_t j = 0;
+    for (; j + 2 * kW <= V; j += 2 * kW) {
+      Vec e0 = soft_cap(load_full(lg + j), vcap).exp();
+      Vec e1 = soft_cap(load_full(lg + j + kW), vcap).exp();
+      e0.store(buf + j);
+      e1.store(buf + j + kW);
+      acc0 += e0;
+      acc1 += e1;
+    }
+    for (; j + kW <= V; j += kW) {
+      Vec e0 = soft_cap(load_full(lg + j), vcap).exp();
+      e0.store(buf + j);
+      acc0 += e0;
+    }
+    if (j < V) {
+      const int64_t n = V - j;
+      Vec e0 = soft_cap(load_part(lg + j, n), vcap).exp();
+      e0.store(buf + j, n);
+      acc1 += Vec::set(zero, e0, n);
+    }
+    sum = reduce_sum(acc0 + acc1);
+  } else {
+    const Vec ninf(-kInf);
+    Vec mx0(-kInf), mx1(-kInf);
+    int64_t j = 0;
+    for (; j + kW <= V; j += kW) {
+      Vec y = load_full(lg + j);
+      if (capped) y = soft_cap(y, vcap);
+      y.store(buf + j);
+      mx0 = at::vec::maximum(mx0, y);
+    }
+    if (j < V) {
+      const int64_t n = V - j;
+      Vec y = load_part(lg + j, n);
+      if (capped) y = soft_cap(y, vcap);
+      y.store(buf + j, n);
+      mx1 = at::vec::maximum(mx1, Vec::set(ninf, y, n));
+    }
+    const Vec m(reduce_max(at::vec::maximum(mx0, mx1)));
+    Vec acc0(0.0f), acc1(0.0f);
+    j = 0;
+    for (; j + kW <= V; j += kW) {
+      Vec e = (Vec::loadu(buf + j) - m).exp();
+      e.store(buf + j);
+      acc0 += e;
+    }
+    if (j < V) {
+      const int64_t n = V - j;
+      Vec e = (Vec::loadu(buf + j, n) - m).exp();
+      e.store(buf + j, n);
+      acc1 += Vec::set(zero, e, n);
+    }
+    sum = reduce_sum(acc0 + acc1);
+  }
+
+  const Vec va(a), vc(c), vinv(1.0f / sum), vb(b);
+  int64_t j = 0;
+  if (eps != nullptr) {
+    for (; j + kW <= V; j += kW) {
+      Vec p = Vec::loadu(buf + j) * vinv;
+      Vec r = va * Vec::loadu(z + j) + vb * p + vc * Vec::loadu(eps + j);
+      r.store(out + j);
+    }
+    if (j < V) {
+      const int64_t n = V - j;
+      Vec p = Vec::loadu(buf + j, n) * vinv;
+      Vec r = va * Vec::loadu(z + j, n) + vb * p + vc * Vec::loadu(eps + j, n);
+      r.store(out + j, n);
+    }
+  } else {
+    for (; j + kW <= V; j += kW) {
+      Vec p = Vec::loadu(buf + j) * vinv;
+      Vec r = va * Vec::loadu(z + j) + vb * p;
+      r.store(out + j);
+    }
+    if (j < V) {
+      const int64_t n = V - j;
+      Vec p = Vec::loadu(buf + j, n) * vinv;
+      Vec r = va * Vec::loadu(z + j, n) + vb * p;
+      r.store(out + j, n);
+    }
+  }
+}
+
+template <typename T>
+void step_rows_t(const StepParams& p, int64_t r0, int64_t r1, float* scratch) {
+  const T* lg = static_cast<const T*>(p.logits);
+  const int64_t V = p.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * V;
+    step_row<T>(lg + off, p.z + off, p.eps ? p.eps + off : nullptr, p.out + off, p.a[r * p.a_stride],
+                p.b[r * p.b_stride], p.c[r * p.c_stride], V, p.cap, scratch);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// vocab_argmax: torch.max(x, -1) semantics. First maximal index; NaN counts as larger than anything
+// and the first NaN wins. One pass over the row: per chunk (in L1) a vector max, and only when the
+// chunk beats the running best, a scalar search of that chunk for the first index attaining it.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kArgmaxChunk = 2048;
+
+template <typename T>
+void argmax_row(const T* x, int64_t V, int64_t* idx_out, T* val_out) {
+  const Vec ninf(-kInf);
+  float best = -kInf;
+  int64_t best_i = -1;
+  for (int64_t start = 0; start < V; start += kArgmaxChunk) {
+    const int64_t n = std::min(kArgmaxChunk, V - start);
+    const T* p = x + start;
+    Vec mx0(-kInf), mx1(-kInf);
+    int64_t j = 0;
+    for (; j + 2 * kW <= n; j += 2 * kW) {
+      mx0 = at::vec::maximum(mx0, load_full(p + j));
+      mx1 = at::vec::maximum(mx1, load_full(p + j + kW));
+    }
+    for (; j + kW <= n; j += kW) mx0 = at::vec::maximum(mx0, load_full(p + j));
+    if (j < n) mx1 = at::vec::maximum(mx1, Vec::set(ninf, load_part(p + j, n - j), n - j));
+    const float cm = reduce_max(at::vec::maximum(mx0, mx1));
+    if (std::isnan(cm)) {
+      for (int64_t k = 0; k < n; ++k) {
+        if (std::isnan(static_cast<float>(p[k]))) {
+          best_i = start + k;
+          break;
+        }
+      }
+      break;  // the first NaN is final
+    }
+    if (best_i < 0 || cm > best) {
+      for (int64_t k = 0; k < n; ++k) {
+        if (static_cast<float>(p[k]) == cm) {
+          best_i = start + k;
+          best = cm;
+          break;
+        }
+      }
+    }
+  }
+  *idx_out = best_i;
+  *val_out = x[best_i];
+}
+
+template <typename T>
+void argmax_rows_t(const ArgmaxParams& p, int64_t r0, int64_t r1) {
+  const T* x = static_cast<const T*>(p.x);
+  T* vals = static_cast<T*>(p.values);
+  for (int64_t r = r0; r < r1; ++r) argmax_row<T>(x + r * p.V, p.V, p.indices + r, vals + r);
+}
+
+}  // namespace
+
+void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
+  switch (p.logits_kind) {
+    case FloatKind::F32: step_rows_t<float>(p, row_begin, row_end, scratch); break;
+    case FloatKind::BF16: step_rows_t<c10::BFloat16>(p, row_begin, row_end, scratch); break;
+    case FloatKind::F16: step_rows_t<c10::Half>(p, row_begin, row_end, scratch); break;
+  }
+}
+
+void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end) {
+  switch (p.kind) {
+    case FloatKind::F32: argmax_rows_t<float>(p, row_begin, row_end); break;
+    case FloatKind::BF16: argmax_rows_t<c10::BFloat16>(p, row_begin, row_end); break;
+    case FloatKind::F16: argmax_rows_t<c10::Half>(p, row_begin, row_end); break;
+  }
+}
+
+const char* describe() {
+#ifndef FLM_RT_CPU_FLAGS
+#define FLM_RT_CPU_FLAGS "none"
+#endif
+  // Plain C formatting only: this object is compiled with ISA flags, keep it free of inline C++ library code.
+  static char text[256] = {0};
+  if (text[0] == 0) {
+    std::snprintf(text, sizeof(text), "%s (flags: %s; Vectorized<float> lanes: %d)", FLM_RT_STR(CPU_CAPABILITY),
+                  FLM_RT_CPU_FLAGS, static_cast<int>(kW));
+  }
+  return text;
+}
+
+}  // namespace flm_rt::cpu::CPU_CAPABILITY

@@ -1,0 +1,56 @@
+// Row kernels of the CPU operators, compiled once per CPU capability (DEFAULT, AVX2, AVX512) from
+// vec_kernels.cpp with different compiler flags, each copy in its own namespace. The operator files
+// (flow_map_step.cpp, vocab_argmax.cpp) pick a copy at run time from at::get_cpu_capability(), which
+// honours the ATEN_CPU_CAPABILITY environment variable exactly as PyTorch's own kernels do.
+//
+// This header is deliberately free of ATen tensor types: the per-capability objects only see raw pointers.
+#pragma once
+
+#include <cstdint>
+
+namespace flm_rt::cpu {
+
+enum class FloatKind : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct StepParams {
+  const void* logits;      // [rows, V], FloatKind logits_kind
+  FloatKind logits_kind;
+  const float* z;          // [rows, V]
+  const float* eps;        // [rows, V] or nullptr (then the c term is dropped)
+  float* out;              // [rows, V]; may alias z (in-place variant)
+  const float* a;          // a[row * a_stride]
+  const float* b;
+  const float* c;
+  int64_t a_stride, b_stride, c_stride;
+  int64_t V;
+  float cap;               // <= 0: no soft-cap
+};
+
+struct ArgmaxParams {
+  const void* x;           // [rows, V]
+  FloatKind kind;
+  int64_t V;
+  int64_t* indices;        // [rows]
+  void* values;            // [rows], same dtype as x
+};
+
+#define FLM_RT_DECLARE_CPU_KERNELS(CAP)                                                              \
+  namespace CAP {                                                                                    \
+  /* scratch: at least V floats, private to the calling thread */                                    \
+  void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch);           \
+  void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end);                       \
+  /* "AVX512 (-mavx512f ...), Vectorized<float> width 16" */                                         \
+  const char* describe();                                                                            \
+  }
+
+FLM_RT_DECLARE_CPU_KERNELS(DEFAULT)
+#if defined(FLM_RT_HAVE_CPU_AVX2)
+FLM_RT_DECLARE_CPU_KERNELS(AVX2)
+#endif
+#if defined(FLM_RT_HAVE_CPU_AVX512)
+FLM_RT_DECLARE_CPU_KERNELS(AVX512)
+#endif
+
+#undef FLM_RT_DECLARE_CPU_KERNELS
+
+}  // namespace flm_rt::cpu

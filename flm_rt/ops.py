@@ -1,0 +1,256 @@
+"""The two hot operators of the samplers, their meaning, and the one place that chooses how they run.
+
+* ``flow_map_step(z, logits, a, b, c, eps=None, cap=30.0)`` -- one sampler update::
+
+      z_out = a * z + b * softmax(cap * tanh(logits / cap), dim=-1) + c * eps        (all in float32)
+
+* ``vocab_argmax(x)`` -- ``(indices int64, values)`` of the maximum over the last dimension, exactly
+  ``torch.max(x, dim=-1)`` (ties -> lowest index; NaN is the maximum and the first NaN wins).
+
+Each has a pure-PyTorch reference (``*_reference``) that DEFINES the result, and a compiled kernel
+(``torch.ops.flm_rt.*`` from flm_rt._C, CPU always, CUDA when built with nvcc) that must agree with it
+(step: to float32 rounding, ~1e-6 relative; argmax: exactly).
+
+Choosing the implementation (``backend`` argument, else env ``FLM_RT_KERNELS``, default ``auto``):
+  ``auto``  compiled kernel when the extension is loaded and has a kernel for that device and dtype,
+            otherwise the reference (also the reference while torch.jit / torch.onnx / torch.export trace);
+  ``ext``   compiled kernel, or a RuntimeError saying why it cannot run;
+  ``torch`` the reference (plain tensor ops; what the exporters use: traceable by torch.export, ONNX,
+            TorchScript tracing).
+
+Where a, b, c come from (docs/KERNELS.md, /work/shared/SPEC.md section 4), with g_i = gamma(tau_i) and
+D = P(f(.)) = softmax of the soft-capped logits:
+
+  FMLM step i (i < n-1), stochasticity s:
+      sig  = 1 - g_{i+1};   sig~ = sig * sqrt(1 - s^2);   g~ = 1 - sig~
+      a = (1 - g~) / (1 - g_i)
+      b = (g~ - g_i) / (1 - g_i) + (sig~ - sig)
+      c = s * sig                       (eps = fresh N(0, I) draw; eps=None / c=0 when s == 0)
+  FLM Euler step i (i < n-1):
+      h = (g_{i+1} - g_i) / (1 - g_i + 1e-5);   a = 1 - h;   b = h;   c = 0 (eps=None)
+  Last step (i == n-1) of either: z_n = D, i.e. a = 0, b = 1, c = 0 (eps=None).
+
+a, b, c may be Python floats or float tensors broadcastable to ``z.shape[:-1]`` (e.g. [B, 1] for
+z of shape [B, L, V]: one coefficient per sequence).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+from . import _ext
+
+__all__ = [
+    "flow_map_step",
+    "flow_map_step_",
+    "vocab_argmax",
+    "flow_map_step_reference",
+    "vocab_argmax_reference",
+    "kernels_backend",
+    "ext_available",
+    "BACKENDS",
+]
+
+Coef = Union[float, int, torch.Tensor]
+
+BACKENDS = ("auto", "torch", "ext")
+STEP_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ARGMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------
+# References (these define the operators)
+# --------------------------------------------------------------------------------------------------
+def _ref_coef(v: Coef, z: torch.Tensor) -> Union[float, torch.Tensor]:
+    if isinstance(v, (int, float)):
+        return float(v)
+    t = v.to(torch.float32)
+    if t.numel() == 1:
+        return t.reshape(())
+    # one value per row of z: broadcast to z.shape[:-1] (raises if impossible), constant along V
+    return t.broadcast_to(z.shape[:-1]).unsqueeze(-1)
+
+
+def flow_map_step_reference(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: Coef,
+                            eps: Optional[torch.Tensor] = None, cap: float = 30.0) -> torch.Tensor:
+    """``a*z + b*softmax(cap*tanh(logits/cap), -1) + c*eps`` computed in float32 (cap <= 0: no soft-cap).
+
+    z, eps: [..., V] (used as float32); logits: [..., V] any float dtype (upcast to float32 first);
+    a, b, c: floats or tensors broadcastable to z.shape[:-1]; eps=None drops the c term.
+    A row of logits that are all -inf gives NaN without a cap (as torch.softmax) and a uniform
+    distribution with a cap (tanh(-inf) = -1). Plain tensor ops only: traceable / exportable.
+    """
+    x = logits.to(torch.float32)
+    cap = float(cap)
+    if cap > 0:
+        x = cap * torch.tanh(x / cap)
+    p = torch.softmax(x, dim=-1)
+    out = _ref_coef(a, z) * z.to(torch.float32) + _ref_coef(b, z) * p
+    if eps is not None:
+        out = out + _ref_coef(c, z) * eps.to(torch.float32)
+    return out
+
+
+def vocab_argmax_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices int64, values)`` over the last dimension: exactly ``torch.max(x, dim=-1)``."""
+    values, indices = torch.max(x, dim=-1)
+    return indices, values
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake (meta) implementations, for torch.compile / torch.export / opcheck
+# --------------------------------------------------------------------------------------------------
+def _fake_check_step(op: str, z, logits, a, b, c, eps) -> None:
+    torch._check(z.dtype == torch.float32, lambda: f"{op}: z must be float32, got {z.dtype}")
+    torch._check(logits.dtype in STEP_LOGITS_DTYPES,
+                 lambda: f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    torch._check(z.dim() >= 1, lambda: f"{op}: z must have at least one dimension [..., V]")
+    torch._check(tuple(z.shape) == tuple(logits.shape),
+                 lambda: f"{op}: z and logits must have the same shape, got {tuple(z.shape)} and {tuple(logits.shape)}")
+    torch._check(logits.device == z.device, lambda: f"{op}: logits must be on the device of z")
+    if eps is not None:
+        torch._check(eps.dtype == torch.float32, lambda: f"{op}: eps must be float32, got {eps.dtype}")
+        torch._check(tuple(eps.shape) == tuple(z.shape), lambda: f"{op}: eps must have the shape of z")
+        torch._check(eps.device == z.device, lambda: f"{op}: eps must be on the device of z")
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        torch._check(t.dtype == torch.float32, lambda: f"{op}: coefficient {name} must be float32, got {t.dtype}")
+        torch._check(t.device == z.device, lambda: f"{op}: coefficient {name} must be on the device of z")
+
+
+if _ext.EXT_LOADED:
+
+    @torch.library.register_fake("flm_rt::flow_map_step")
+    def _flow_map_step_fake(z, logits, a, b, c, eps, cap):
+        _fake_check_step("flm_rt::flow_map_step", z, logits, a, b, c, eps)
+        return torch.empty(z.shape, dtype=torch.float32, device=z.device)
+
+    @torch.library.register_fake("flm_rt::flow_map_step_")
+    def _flow_map_step_inplace_fake(z, logits, a, b, c, eps, cap):
+        _fake_check_step("flm_rt::flow_map_step_", z, logits, a, b, c, eps)
+        return z
+
+    @torch.library.register_fake("flm_rt::vocab_argmax")
+    def _vocab_argmax_fake(x):
+        torch._check(x.dtype in ARGMAX_DTYPES,
+                     lambda: f"flm_rt::vocab_argmax: x must be float32, bfloat16 or float16, got {x.dtype}")
+        torch._check(x.dim() >= 1, lambda: "flm_rt::vocab_argmax: x must have at least one dimension [..., V]")
+        shape = x.shape[:-1]
+        return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------------------
+def ext_available() -> bool:
+    """True when flm_rt._C is loaded (compiled operators registered)."""
+    return _ext.EXT_LOADED
+
+
+def _requested_backend(backend: Optional[str]) -> str:
+    b = backend if backend is not None else (os.environ.get("FLM_RT_KERNELS", "auto").strip().lower() or "auto")
+    if b not in BACKENDS:
+        src = "backend" if backend is not None else "FLM_RT_KERNELS"
+        raise ValueError(f"flm_rt: {src} must be one of {', '.join(BACKENDS)}; got {b!r}")
+    return b
+
+
+def _tracing() -> bool:
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    try:
+        if torch.compiler.is_exporting():
+            return True
+    except AttributeError:  # pragma: no cover - older torch
+        pass
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: str = "flow_map_step",
+                    backend: Optional[str] = None) -> str:
+    """Which implementation ``op`` ("flow_map_step" or "vocab_argmax") would use for inputs on ``device``
+    with (logits / x) ``dtype``: "ext" or "torch". ``backend`` as in the ops (None: FLM_RT_KERNELS).
+
+    Raises RuntimeError when ``ext`` is requested but not possible.
+    """
+    b = _requested_backend(backend)
+    if b == "torch":
+        return "torch"
+    dev = torch.device(device).type
+    dtypes = STEP_LOGITS_DTYPES if op.startswith("flow_map_step") else ARGMAX_DTYPES
+    if b == "ext":
+        if not _ext.EXT_LOADED:
+            raise RuntimeError(f"flm_rt: backend 'ext' requested for {op} but the compiled extension is not loaded "
+                               f"({_ext.EXT_ERROR})")
+        if not _ext.has_kernel(op, dev):
+            raise RuntimeError(f"flm_rt: backend 'ext' requested for {op} but flm_rt._C has no {dev} kernel "
+                               f"(built: {_ext.build_info().get('ops', {}).get(op)})")
+        if dtype not in dtypes:
+            raise RuntimeError(f"flm_rt: backend 'ext' requested for {op} but its kernels take "
+                               f"{', '.join(str(d) for d in dtypes)}, got {dtype}")
+        return "ext"
+    if _ext.EXT_LOADED and dtype in dtypes and _ext.has_kernel(op, dev) and not _tracing():
+        return "ext"
+    return "torch"
+
+
+def _rows_coef(v: Coef, z: torch.Tensor, name: str) -> torch.Tensor:
+    """a/b/c as a contiguous float32 tensor on z's device with 1 element or one per row of z."""
+    if isinstance(v, (int, float)):
+        return torch.full((1,), float(v), dtype=torch.float32, device=z.device)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"flm_rt.ops.flow_map_step: coefficient {name} must be a float or a tensor, got {type(v)}")
+    if v.numel() == 1:
+        return v.reshape(1).to(device=z.device, dtype=torch.float32)
+    rows_shape = z.shape[:-1]
+    try:
+        t = v.broadcast_to(rows_shape)
+    except RuntimeError as e:
+        raise RuntimeError(f"flm_rt.ops.flow_map_step: coefficient {name} of shape {tuple(v.shape)} is not "
+                           f"broadcastable to z.shape[:-1] = {tuple(rows_shape)}") from e
+    return t.to(device=z.device, dtype=torch.float32).reshape(-1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# The dispatch points the samplers use
+# --------------------------------------------------------------------------------------------------
+def flow_map_step(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: Coef,
+                  eps: Optional[torch.Tensor] = None, cap: float = 30.0, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """``a*z + b*softmax(cap*tanh(logits/cap), -1) + c*eps`` as a new float32 tensor (see module doc).
+
+    z: float32 [..., V]; logits: float32/bfloat16/float16 [..., V]; eps: float32 [..., V] or None;
+    a, b, c: floats or tensors broadcastable to z.shape[:-1]; cap <= 0 disables the soft-cap.
+    """
+    be = kernels_backend(z.device, logits.dtype, "flow_map_step", backend)
+    if be == "ext" and backend is None and (z.dtype != torch.float32 or (eps is not None and eps.dtype != torch.float32)):
+        be = "torch"  # auto: the kernels take float32 state only
+    if be == "torch":
+        return flow_map_step_reference(z, logits, a, b, c, eps, cap)
+    return torch.ops.flm_rt.flow_map_step(z, logits, _rows_coef(a, z, "a"), _rows_coef(b, z, "b"),
+                                          _rows_coef(c, z, "c"), eps, float(cap))
+
+
+def flow_map_step_(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: Coef,
+                   eps: Optional[torch.Tensor] = None, cap: float = 30.0, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """In-place ``flow_map_step``: writes the result into z (float32) and returns z."""
+    be = kernels_backend(z.device, logits.dtype, "flow_map_step_", backend)
+    if be == "ext" and backend is None and (z.dtype != torch.float32 or (eps is not None and eps.dtype != torch.float32)):
+        be = "torch"
+    if be == "torch":
+        return z.copy_(flow_map_step_reference(z, logits, a, b, c, eps, cap))
+    return torch.ops.flm_rt.flow_map_step_(z, logits, _rows_coef(a, z, "a"), _rows_coef(b, z, "b"),
+                                           _rows_coef(c, z, "c"), eps, float(cap))
+
+
+def vocab_argmax(x: torch.Tensor, *, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices int64 [...], values x.dtype [...])`` of the maximum over the last dim; == torch.max(x, -1)."""
+    if kernels_backend(x.device, x.dtype, "vocab_argmax", backend) == "torch":
+        return vocab_argmax_reference(x)
+    return torch.ops.flm_rt.vocab_argmax(x)
