@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -242,7 +243,10 @@ def _load_lightning(path: str, n_heads: Optional[int], use_ema: bool) -> LoadedC
     config = _config_from_weights(backbone, cfg, n_heads=n_heads, source=path)
     ignored = sorted(g for g in inert if not g.startswith(("omegaconf.", "typing.", "transformers.")))
     if ignored:
-        notes.append("ignored pickled objects of classes: " + ", ".join(ignored))
+        msg = (f"{path}: the checkpoint pickles objects of classes flm_rt does not know ({', '.join(ignored)}); "
+               "they were read as inert data, nothing was executed")
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
     return LoadedCheckpoint(config, validate_state_dict(backbone, config, path), "lightning-ckpt", path,
                             weights=weights, notes=notes)
 
