@@ -38,8 +38,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def log(msg: str) -> None:
     line = f"[flm_rt build] {msg}"
     print(line, flush=True)
-    if not sys.stdout.isatty():
-        print(line, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------

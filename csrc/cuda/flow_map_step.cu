@@ -1,0 +1,241 @@
+// CUDA implementation of flm_rt::flow_map_step and flm_rt::flow_map_step_ (see docs/KERNELS.md).
+//
+//   out[r, :] = a[r] * z[r, :] + b[r] * softmax(cap * tanh(logits[r, :] / cap)) + c[r] * eps[r, :]
+//
+// One warp per row for V <= 2048, otherwise one block (256 or 512 threads) per row; rows are walked with
+// a grid-stride loop, so any number of rows works with a bounded grid. Per row:
+//   pass 1: read the logits once (16-byte vector loads, scalar head/tail for misaligned rows) and build
+//           the softmax statistics in fp32: with a soft-cap <= 60 the capped logits are bounded and the
+//           plain sum of exp needs no max; otherwise an online (max, sum) pair per thread. Then a
+//           deterministic warp-shuffle (+ shared memory) reduction inside the block;
+//   pass 2: re-read the logits (mostly from L2), read z / eps, write out.
+// No cross-block reductions, no atomics, no host synchronisation; launched on the current stream.
+#include "../common.h"
+#include "kernel_utils.cuh"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+namespace flm_rt::cuda {
+namespace {
+
+template <typename T>
+struct StepArgs {
+  const T* logits;
+  const float* z;
+  const float* eps;  // nullptr: no c*eps term
+  float* out;        // may equal z
+  const float* a;
+  const float* b;
+  const float* c;
+  int64_t a_stride, b_stride, c_stride;
+  int64_t rows, V;
+  float cap;         // only used when capped
+  bool capped;
+  bool fixed_shift;  // capped and cap <= kFixedShiftMaxCap: s = sum exp(y), m = 0
+  bool aligned;      // every base pointer 16-byte aligned
+};
+
+constexpr int kWarpModeBlock = 256;  // threads per block when one warp handles one row
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) step_kernel(const StepArgs<T> p) {
+  constexpr int W = VecWidth<T>::value;
+  constexpr int kRowsPerBlock = NT == 32 ? kWarpModeBlock / 32 : 1;
+  __shared__ float sm_m[32];
+  __shared__ float sm_s[32];
+  const int lane = NT == 32 ? (threadIdx.x & 31) : threadIdx.x;
+  const int64_t row_in_block = NT == 32 ? (threadIdx.x >> 5) : 0;
+  const float cap = p.cap;
+
+  for (int64_t g = blockIdx.x; g * kRowsPerBlock < p.rows; g += gridDim.x) {  // uniform across the block
+    const int64_t row = g * kRowsPerBlock + row_in_block;
+    if (NT == 32 && row >= p.rows) continue;  // uniform across the warp; warp mode has no block barrier
+    const int64_t off = row * p.V;
+    const int64_t V = p.V;
+    const T* lg = p.logits + off;
+    const RowSplit sp = split_row(off, V, W, p.aligned);
+
+    // ---- pass 1: softmax statistics -------------------------------------------------------------
+    float m = p.fixed_shift ? 0.0f : -kInf;
+    float s = 0.0f;
+    auto accumulate = [&](float x) {
+      const float y = p.capped ? cap * tanhf(x / cap) : x;
+      if (p.fixed_shift) {
+        s += expf(y);
+      } else {
+        ms_add(m, s, y);
+      }
+    };
+    for (int64_t k = lane; k < sp.head; k += NT) accumulate(static_cast<float>(lg[k]));
+    for (int64_t v = lane; v < sp.nvec; v += NT) {
+      float x[W];
+      load16_to_float<T>(lg + sp.head + v * W, x);
+#pragma unroll
+      for (int i = 0; i < W; ++i) accumulate(x[i]);
+    }
+    for (int64_t k = sp.tail_begin + lane; k < V; k += NT) accumulate(static_cast<float>(lg[k]));
+
+    if (p.fixed_shift) {
+      s = warp_reduce_sum(s);
+    } else {
+      warp_reduce_ms(m, s);
+    }
+    if constexpr (NT > 32) {
+      constexpr int NW = NT / 32;
+      const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+      __syncthreads();  // the previous row's readers are done with sm_*
+      if (l == 0) {
+        sm_m[w] = m;
+        sm_s[w] = s;
+      }
+      __syncthreads();
+      if (p.fixed_shift) {
+        s = warp_reduce_sum(l < NW ? sm_s[l] : 0.0f);
+      } else {
+        m = l < NW ? sm_m[l] : -kInf;
+        s = l < NW ? sm_s[l] : 0.0f;
+        warp_reduce_ms(m, s);
+      }
+    }
+
+    // ---- pass 2: write --------------------------------------------------------------------------
+    const float inv = 1.0f / s;
+    const float ca = p.a[row * p.a_stride];
+    const float cb = p.b[row * p.b_stride];
+    const float cc = p.c[row * p.c_stride];
+    const float* zr = p.z + off;
+    const float* er = p.eps != nullptr ? p.eps + off : nullptr;
+    float* orow = p.out + off;
+    auto value = [&](float x, float zz, float ee) -> float {
+      const float y = p.capped ? cap * tanhf(x / cap) : x;
+      const float prob = expf(y - m) * inv;
+      float r = ca * zz + cb * prob;
+      if (er != nullptr) r = r + cc * ee;
+      return r;
+    };
+    for (int64_t k = lane; k < sp.head; k += NT) {
+      orow[k] = value(static_cast<float>(lg[k]), zr[k], er != nullptr ? er[k] : 0.0f);
+    }
+    for (int64_t v = lane; v < sp.nvec; v += NT) {
+      const int64_t base = sp.head + v * W;
+      float x[W], zz[W], ee[W], o[W];
+      load16_to_float<T>(lg + base, x);
+      load_floats<W>(zr + base, zz);
+      if (er != nullptr) {
+        load_floats<W>(er + base, ee);
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; ++i) ee[i] = 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < W; ++i) o[i] = value(x[i], zz[i], ee[i]);
+      store_floats<W>(orow + base, o);
+    }
+    for (int64_t k = sp.tail_begin + lane; k < V; k += NT) {
+      orow[k] = value(static_cast<float>(lg[k]), zr[k], er != nullptr ? er[k] : 0.0f);
+    }
+  }
+}
+
+constexpr int64_t kMaxGrid = int64_t{1} << 20;
+
+template <typename T>
+void launch_step(const StepArgs<T>& args) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (args.V <= 2048) {
+    const int64_t groups = (args.rows + kWarpModeBlock / 32 - 1) / (kWarpModeBlock / 32);
+    const dim3 grid(static_cast<unsigned>(std::min(groups, kMaxGrid)));
+    step_kernel<T, 32><<<grid, kWarpModeBlock, 0, stream>>>(args);
+  } else if (args.V <= 16384) {
+    const dim3 grid(static_cast<unsigned>(std::min(args.rows, kMaxGrid)));
+    step_kernel<T, 256><<<grid, 256, 0, stream>>>(args);
+  } else {
+    const dim3 grid(static_cast<unsigned>(std::min(args.rows, kMaxGrid)));
+    step_kernel<T, 512><<<grid, 512, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_step(const at::Tensor& out, const at::Tensor& z, const at::Tensor& lg, const at::Tensor& a,
+              const at::Tensor& b, const at::Tensor& c, const at::Tensor& eps, double cap, const RowShape& shape) {
+  StepArgs<T> args{};
+  args.logits = reinterpret_cast<const T*>(lg.const_data_ptr());
+  args.z = z.const_data_ptr<float>();
+  args.eps = eps.defined() ? eps.const_data_ptr<float>() : nullptr;
+  args.out = out.mutable_data_ptr<float>();
+  args.a = a.const_data_ptr<float>();
+  args.b = b.const_data_ptr<float>();
+  args.c = c.const_data_ptr<float>();
+  args.a_stride = coef_stride(a);
+  args.b_stride = coef_stride(b);
+  args.c_stride = coef_stride(c);
+  args.rows = shape.rows;
+  args.V = shape.V;
+  args.cap = static_cast<float>(cap);
+  args.capped = cap > 0.0;
+  args.fixed_shift = args.capped && args.cap <= kFixedShiftMaxCap;
+  args.aligned = aligned16(args.logits) && aligned16(args.z) && aligned16(args.out) &&
+                 (args.eps == nullptr || aligned16(args.eps));
+  launch_step<T>(args);
+}
+
+void step_into(const at::Tensor& out, const at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
+               const at::Tensor& b, const at::Tensor& c, const std::optional<at::Tensor>& eps, double cap,
+               const RowShape& shape) {
+  if (shape.rows == 0) return;
+  const at::Tensor zc = z.contiguous();
+  const at::Tensor lc = logits.contiguous();
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous(), cc = c.contiguous();
+  const at::Tensor ec = (eps.has_value() && eps->defined()) ? eps->contiguous() : at::Tensor();
+  switch (lc.scalar_type()) {
+    case c10::ScalarType::Float: run_step<float>(out, zc, lc, ac, bc, cc, ec, cap, shape); break;
+    case c10::ScalarType::BFloat16: run_step<c10::BFloat16>(out, zc, lc, ac, bc, cc, ec, cap, shape); break;
+    case c10::ScalarType::Half: run_step<c10::Half>(out, zc, lc, ac, bc, cc, ec, cap, shape); break;
+    default: TORCH_CHECK(false, "flm_rt::flow_map_step: unsupported logits dtype ", lc.scalar_type());
+  }
+}
+
+at::Tensor flow_map_step_cuda(const at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
+                              const at::Tensor& b, const at::Tensor& c, const std::optional<at::Tensor>& eps,
+                              double cap) {
+  const RowShape shape =
+      check_step_inputs("flm_rt::flow_map_step", z, logits, a, b, c, eps, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(c10::MemoryFormat::Contiguous));
+  step_into(out, z, logits, a, b, c, eps, cap, shape);
+  return out;
+}
+
+at::Tensor& flow_map_step_inplace_cuda(at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
+                                       const at::Tensor& b, const at::Tensor& c,
+                                       const std::optional<at::Tensor>& eps, double cap) {
+  const RowShape shape =
+      check_step_inputs("flm_rt::flow_map_step_", z, logits, a, b, c, eps, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(z.device());
+  if (z.is_contiguous()) {
+    step_into(z, z, logits, a, b, c, eps, cap, shape);
+  } else {
+    at::Tensor tmp = at::empty(z.sizes(), z.options().memory_format(c10::MemoryFormat::Contiguous));
+    step_into(tmp, z, logits, a, b, c, eps, cap, shape);
+    z.copy_(tmp);
+  }
+  return z;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flm_rt, CUDA, m) {
+  m.impl("flow_map_step", &flow_map_step_cuda);
+  m.impl("flow_map_step_", &flow_map_step_inplace_cuda);
+}
+
+}  // namespace flm_rt::cuda

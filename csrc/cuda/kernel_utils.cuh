@@ -1,0 +1,136 @@
+// Device helpers shared by the flm_rt CUDA kernels.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace flm_rt::cuda {
+
+constexpr float kInf = __builtin_huge_valf();
+
+// Elements per 16-byte load.
+template <typename T>
+struct VecWidth {
+  static constexpr int value = 16 / sizeof(T);
+};
+
+// Loads N = 16/sizeof(T) elements (one 16-byte transaction) and widens them to float.
+template <typename T>
+__device__ __forceinline__ void load16_to_float(const T* p, float (&out)[VecWidth<T>::value]) {
+  constexpr int N = VecWidth<T>::value;
+  alignas(16) T buf[N];
+  *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = static_cast<float>(buf[i]);
+}
+
+// N floats at a 16-byte aligned address (N a multiple of 4).
+template <int N>
+__device__ __forceinline__ void load_floats(const float* p, float (&out)[N]) {
+  static_assert(N % 4 == 0, "N must be a multiple of 4");
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p + i);
+    out[i] = v.x;
+    out[i + 1] = v.y;
+    out[i + 2] = v.z;
+    out[i + 3] = v.w;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_floats(float* p, const float (&v)[N]) {
+  static_assert(N % 4 == 0, "N must be a multiple of 4");
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+  }
+}
+
+// Row split for vectorised access: elements [0, head) and [head + nvec*W, V) are scalar, the nvec
+// W-wide vectors in between are 16-byte aligned for every array (all bases 16-byte aligned, and W a
+// multiple of 4 so that the float arrays line up too). Without alignment everything is scalar.
+struct RowSplit {
+  int64_t head, nvec, tail_begin;
+};
+
+__device__ __forceinline__ RowSplit split_row(int64_t row_offset, int64_t V, int W, bool aligned) {
+  RowSplit s;
+  if (!aligned) {
+    s.head = V;
+    s.nvec = 0;
+    s.tail_begin = V;
+    return s;
+  }
+  int64_t head = (W - (row_offset % W)) % W;
+  if (head > V) head = V;
+  s.head = head;
+  s.nvec = (V - head) / W;
+  s.tail_begin = head + s.nvec * W;
+  return s;
+}
+
+// ---- (max, sum of exp) pairs: online softmax statistics -------------------------------------------
+// Invariant: s = sum_j exp(y_j - m) over the elements seen; m = -inf and s = 0 for none (or all -inf).
+// A NaN or +inf element makes s NaN, as in torch.softmax.
+__device__ __forceinline__ void ms_add(float& m, float& s, float y) {
+  if (y > m) {
+    s = s * expf(m - y);
+    m = y;
+  }
+  if (y != -kInf) s += expf(y - m);
+}
+
+__device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2) {
+  const float M = fmaxf(m, m2);
+  if (M == -kInf) {
+    s = s + s2;
+    m = M;
+    return;
+  }
+  s = s * expf(m - M) + s2 * expf(m2 - M);  // symmetric in the two operands: butterfly lanes agree bitwise
+  m = M;
+}
+
+__device__ __forceinline__ void warp_reduce_ms(float& m, float& s) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    ms_merge(m, s, m2, s2);
+  }
+}
+
+__device__ __forceinline__ float warp_reduce_sum(float s) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+// ---- argmax candidates: torch.max order ---------------------------------------------------------------
+// (v1, i1) beats (v2, i2): NaN beats numbers (lower index among NaNs), else larger value, ties -> lower index.
+__device__ __forceinline__ bool am_better(float v1, int64_t i1, float v2, int64_t i2) {
+  const bool n1 = v1 != v1, n2 = v2 != v2;
+  if (n1 || n2) return n1 && n2 ? i1 < i2 : n1;
+  if (v1 != v2) return v1 > v2;
+  return i1 < i2;
+}
+
+__device__ __forceinline__ void warp_reduce_am(float& v, int64_t& i) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t i2 = __shfl_xor_sync(0xffffffffu, i, o);
+    if (am_better(v2, i2, v, i)) {
+      v = v2;
+      i = i2;
+    }
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace flm_rt::cuda

@@ -1,0 +1,144 @@
+// CUDA implementation of flm_rt::vocab_argmax: (indices int64, values x.dtype) over the last dimension with
+// torch.max semantics (first maximal index; NaN is the maximum, first NaN wins).
+//
+// One warp per row for V <= 4096, otherwise one 512-thread block per row; grid-stride over rows. Each
+// thread keeps its best (value, index) candidate; the candidates are combined with a total order
+// (am_better), so the result is exact and independent of the reduction tree. One read of x
+// (16-byte vector loads, scalar head/tail), no atomics, no host synchronisation.
+#include "../build_info.h"
+#include "../common.h"
+#include "kernel_utils.cuh"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <tuple>
+
+namespace flm_rt::cuda {
+namespace {
+
+template <typename T>
+struct ArgmaxArgs {
+  const T* x;
+  int64_t* indices;
+  T* values;
+  int64_t rows, V;
+  bool aligned;
+};
+
+constexpr int kWarpModeBlock = 256;
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) argmax_kernel(const ArgmaxArgs<T> p) {
+  constexpr int W = VecWidth<T>::value;
+  constexpr int kRowsPerBlock = NT == 32 ? kWarpModeBlock / 32 : 1;
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  __shared__ float sm_v[32];
+  __shared__ int64_t sm_i[32];
+  const int lane = NT == 32 ? (threadIdx.x & 31) : threadIdx.x;
+  const int64_t row_in_block = NT == 32 ? (threadIdx.x >> 5) : 0;
+
+  for (int64_t g = blockIdx.x; g * kRowsPerBlock < p.rows; g += gridDim.x) {
+    const int64_t row = g * kRowsPerBlock + row_in_block;
+    if (NT == 32 && row >= p.rows) continue;
+    const int64_t off = row * p.V;
+    const int64_t V = p.V;
+    const T* xr = p.x + off;
+    const RowSplit sp = split_row(off, V, W, p.aligned);
+
+    float bv = -kInf;
+    int64_t bi = kNone;
+    auto consider = [&](float v, int64_t k) {
+      if (am_better(v, k, bv, bi)) {
+        bv = v;
+        bi = k;
+      }
+    };
+    for (int64_t k = lane; k < sp.head; k += NT) consider(static_cast<float>(xr[k]), k);
+    for (int64_t v = lane; v < sp.nvec; v += NT) {
+      float x[W];
+      const int64_t base = sp.head + v * W;
+      load16_to_float<T>(xr + base, x);
+#pragma unroll
+      for (int i = 0; i < W; ++i) consider(x[i], base + i);
+    }
+    for (int64_t k = sp.tail_begin + lane; k < V; k += NT) consider(static_cast<float>(xr[k]), k);
+
+    warp_reduce_am(bv, bi);
+    if constexpr (NT > 32) {
+      constexpr int NW = NT / 32;
+      const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+      __syncthreads();
+      if (l == 0) {
+        sm_v[w] = bv;
+        sm_i[w] = bi;
+      }
+      __syncthreads();
+      bv = l < NW ? sm_v[l] : -kInf;
+      bi = l < NW ? sm_i[l] : kNone;
+      warp_reduce_am(bv, bi);
+    }
+    if (lane == 0) {
+      p.indices[row] = bi;
+      p.values[row] = xr[bi];  // the stored element itself (exact, original NaN payload)
+    }
+  }
+}
+
+constexpr int64_t kMaxGrid = int64_t{1} << 20;
+
+template <typename T>
+void run_argmax(const at::Tensor& xc, const at::Tensor& idx, const at::Tensor& val, const RowShape& shape) {
+  ArgmaxArgs<T> args{};
+  args.x = reinterpret_cast<const T*>(xc.const_data_ptr());
+  args.indices = idx.mutable_data_ptr<int64_t>();
+  args.values = reinterpret_cast<T*>(val.mutable_data_ptr());
+  args.rows = shape.rows;
+  args.V = shape.V;
+  args.aligned = aligned16(args.x);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (args.V <= 4096) {
+    const int64_t groups = (args.rows + kWarpModeBlock / 32 - 1) / (kWarpModeBlock / 32);
+    argmax_kernel<T, 32><<<static_cast<unsigned>(std::min(groups, kMaxGrid)), kWarpModeBlock, 0, stream>>>(args);
+  } else {
+    argmax_kernel<T, 512><<<static_cast<unsigned>(std::min(args.rows, kMaxGrid)), 512, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> vocab_argmax_cuda(const at::Tensor& x) {
+  const RowShape shape = check_argmax_input("flm_rt::vocab_argmax", x, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto out_sizes = x.sizes().slice(0, x.dim() - 1);
+  at::Tensor idx = at::empty(out_sizes, x.options().dtype(c10::ScalarType::Long));
+  at::Tensor val = at::empty(out_sizes, x.options());
+  if (shape.rows == 0) return {idx, val};
+  const at::Tensor xc = x.contiguous();
+  switch (xc.scalar_type()) {
+    case c10::ScalarType::Float: run_argmax<float>(xc, idx, val, shape); break;
+    case c10::ScalarType::BFloat16: run_argmax<c10::BFloat16>(xc, idx, val, shape); break;
+    case c10::ScalarType::Half: run_argmax<c10::Half>(xc, idx, val, shape); break;
+    default: TORCH_CHECK(false, "flm_rt::vocab_argmax: unsupported dtype ", xc.scalar_type());
+  }
+  return {idx, val};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flm_rt, CUDA, m) { m.impl("vocab_argmax", &vocab_argmax_cuda); }
+
+}  // namespace flm_rt::cuda
+
+namespace flm_rt {
+std::string cuda_build_description() {
+  return "nvcc " + std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__) + "." +
+         std::to_string(__CUDACC_VER_BUILD__) + ", CUDA runtime headers " + std::to_string(CUDART_VERSION);
+}
+}  // namespace flm_rt
