@@ -96,6 +96,20 @@ class Model:
         tok = self.tokenizer
         return f"{tok.kind} ({tok.vocab_size} tokens)" if tok is not None else f"none: {self._tokenizer_error}"
 
+    def embedded_noise_factor(self) -> torch.Tensor:
+        """C (lower triangular [D, D], fp32) with C C^T = E^T E: for u ~ N(0, I_D), u @ C^T is distributed as
+        eps @ E with eps ~ N(0, I_V). Computed once per model (Gram matrix in fp32, Cholesky in float64)."""
+        if getattr(self, "_noise_factor", None) is None:
+            e = self.denoiser.vocab_embed.embedding.detach().float()
+            gram = (e.T @ e).double().cpu()
+            try:
+                factor = torch.linalg.cholesky(gram)
+            except RuntimeError:
+                raise ConfigError("the embedding matrix is rank-deficient (E^T E is not positive definite); "
+                                  "use noise_space='vocab'") from None
+            self._noise_factor = factor.float().to(self.device)
+        return self._noise_factor
+
     # -- convenience ------------------------------------------------------------------------------------
     def generate(self, **kwargs) -> "Generation":
         return generate(self, **kwargs)
@@ -208,13 +222,17 @@ def _check_int(name, v, lo=1, hi=None):
 def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, steps: int = 1,
              stochasticity: Optional[float] = None, seq_len: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
-             decode: bool = True, kernels: Optional[str] = None) -> Generation:
+             decode: bool = True, kernels: Optional[str] = None, noise_space: str = "vocab") -> Generation:
     """Generate ``num_samples`` sequences in ``steps`` network calls.
 
     ``noise`` [S, B, L, V]: explicit standard-normal draws consumed in SPEC order (z_0, eps_0, eps_1, ...); it
     fixes B and L. ``seed``: reproducible; sample k's draws depend only on (seed, k). ``generator``: draws the
     whole batch from that generator. Default stochasticity: the checkpoint's (0.0 if it says nothing).
     ``kernels``: "auto" | "torch" | "ext" (default: env FLM_RT_KERNELS, else auto).
+    ``noise_space``: "vocab" (default) runs the SPEC's V-space process; "embedding" runs the same process
+    through the embedding (draws of N(0, E^T E) in R^D, no [B, L, V] noise, no embedding matmul of the noise):
+    the same output distribution, faster, but other draws than "vocab" for a given seed. With explicit
+    ``noise`` both spaces give the same ids (up to float rounding).
     """
     if not isinstance(model, Model):
         model = load(model)
@@ -229,6 +247,9 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         raise GenerationError("stochasticity applies to two-time (FMLM) models only; this is an FLM model")
     if sum(x is not None for x in (seed, generator, noise)) > 1:
         raise GenerationError("give at most one of seed, generator and noise")
+    if noise_space not in ("vocab", "embedding"):
+        raise GenerationError(f"noise_space must be 'vocab' or 'embedding', got {noise_space!r}")
+    embedded = noise_space == "embedding"
     plan = make_plan(two_time=cfg.two_time, steps=steps, stochasticity=stochasticity, vocab_size=cfg.vocab_size)
     need = draws_needed(plan)
     dev = model.device
@@ -258,19 +279,24 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         b, length = b_, l_
 
         def draw(j: int) -> torch.Tensor:
-            return noise[j].to(device=dev, dtype=torch.float32)
+            x = noise[j].to(device=dev, dtype=torch.float32)
+            return x @ model.denoiser.vocab_embed.embedding.float() if embedded else x
     else:
         _check_int("num_samples", num_samples)
         length = cfg.length if seq_len is None else seq_len
         _check_int("seq_len", length, 1, cfg.length)
         b = num_samples
-        shape = (b, length, cfg.vocab_size)
+        shape = (b, length, cfg.hidden_size if embedded else cfg.vocab_size)
+        factor = model.embedded_noise_factor() if embedded else None
+
+        def finish(u: torch.Tensor) -> torch.Tensor:
+            return u @ factor.T if embedded else u
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
             def draw(j: int) -> torch.Tensor:
-                return torch.randn(shape, generator=generator, device=generator.device).to(dev)
+                return finish(torch.randn(shape, generator=generator, device=generator.device).to(dev))
         else:
             if seed is None:
                 seed = int.from_bytes(os.urandom(7), "little")
@@ -282,11 +308,11 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
                 out = torch.empty(shape, device=dev)
                 for k, g in enumerate(gens):
                     torch.randn(shape[1:], generator=g, device=dev, out=out[k])
-                return out
+                return finish(out)
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        ids = run_plan(model.denoiser, plan, draw, kernels=kernels)
+        ids = run_plan(model.denoiser, plan, draw, kernels=kernels, space=noise_space)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0

@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
 
     model = _load(args)
     gen = generate(model, num_samples=args.num_samples, steps=args.steps, stochasticity=args.stochasticity,
-                   seq_len=args.seq_len, seed=args.seed, kernels=args.kernels)
+                   seq_len=args.seq_len, seed=args.seed, kernels=args.kernels, noise_space=args.noise_space)
     _print_generation(model, gen, args.json)
     return 0
 
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stochasticity", type=float, default=None, help="FMLM only, in [0, 1]")
     g.add_argument("--seq-len", type=int, default=None)
     g.add_argument("--kernels", choices=["auto", "torch", "ext"], default=None)
+    g.add_argument("--noise-space", choices=["vocab", "embedding"], default="vocab",
+                   help="embedding: same distribution, faster (no [B, L, V] noise); other draws per seed")
     g.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)

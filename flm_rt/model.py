@@ -225,6 +225,11 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
         with nvtx.range("embedding"):
             h = self.vocab_embed(x)
+        return self.forward_embedded(h, t, t_prime)
+
+    def forward_embedded(self, h: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """f given h = x @ E [B, L, D] (fp32): the network sees its input only through this projection."""
+        with nvtx.range("conditioning"):
             c = self.conditioning(t, t_prime)
         cos, sin = self.rotary_emb.cos_sin(h.shape[1], h.device)
         if self.compute_dtype == torch.float32:

@@ -81,22 +81,38 @@ def draws_needed(plan: Sequence[SamplerStep]) -> int:
     return 1 + sum(st.uses_draw for st in plan)
 
 
+SPACES = ("vocab", "embedding")
+
+
 def run_plan(
     denoiser: Denoiser,
     plan: Sequence[SamplerStep],
     draw: Callable[[int], torch.Tensor],
     *,
     kernels: Optional[str] = None,
+    space: str = "vocab",
     on_step: Optional[Callable[[int], None]] = None,
 ) -> torch.Tensor:
-    """Run the sampler. draw(j) returns the j-th standard-normal draw, fp32 [B, L, V]. Returns ids [B, L]."""
-    z = draw(0)
-    b = z.shape[0]
+    """Run the sampler; returns token ids [B, L].
+
+    space="vocab": the SPEC's process. The state z lives in R^V; draw(j) returns the j-th standard-normal draw,
+    fp32 [B, L, V]; each update is one fused ``ops.flow_map_step`` pass.
+    space="embedding": the same process observed through the embedding. The network sees z only as h = z @ E,
+    and every update is linear in z, so h_{i+1} = a h_i + b (P_i @ E) + c (eps_i @ E) evolves on its own and
+    the V-space state is never formed. draw(j) must then return eps_j @ E, i.e. draws of N(0, E^T E) [B, L, D].
+    The final argmax needs only the logits. Same distribution of outputs, fewer FLOPs and bytes (no V-space
+    noise, no embedding matmul of the noise).
+    """
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    x = draw(0)
+    b = x.shape[0]
+    forward = denoiser if space == "vocab" else denoiser.forward_embedded
     used = 1
     for i, st in enumerate(plan):
-        t = torch.full((b,), st.t, dtype=torch.float32, device=z.device)
-        tp = None if st.t_prime is None else torch.full((b,), st.t_prime, dtype=torch.float32, device=z.device)
-        logits = denoiser(z, t, tp)
+        t = torch.full((b,), st.t, dtype=torch.float32, device=x.device)
+        tp = None if st.t_prime is None else torch.full((b,), st.t_prime, dtype=torch.float32, device=x.device)
+        logits = forward(x, t, tp)
         if st.last:
             with nvtx.range("argmax"):
                 ids, _ = ops.vocab_argmax(softcap_logits(logits, LOGIT_SOFTCAP), backend=kernels)
@@ -107,9 +123,17 @@ def run_plan(
         if st.uses_draw:
             eps = draw(used)
             used += 1
-        coef = torch.tensor([st.a, st.b, st.c], dtype=torch.float32, device=z.device)
         with nvtx.range("flow_map_step"):
-            z = ops.flow_map_step(z, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
+            if space == "vocab":
+                coef = torch.tensor([st.a, st.b, st.c], dtype=torch.float32, device=x.device)
+                x = ops.flow_map_step(x, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP,
+                                      backend=kernels)
+            else:
+                p = torch.softmax(softcap_logits(logits.float(), LOGIT_SOFTCAP), dim=-1)
+                x = torch.addmm((st.a * x).flatten(0, 1), p.flatten(0, 1), denoiser.vocab_embed.embedding.float(),
+                                alpha=st.b).view_as(x)
+                if eps is not None:
+                    x = x + st.c * eps
         if on_step is not None:
             on_step(i)
     raise AssertionError("a plan always ends with a last step")

@@ -140,3 +140,23 @@ def test_cuda_matches_cpu_golden(golden_dir, vectors):
     m = flm_rt.load(golden_dir / "fmlm.ckpt", device="cuda")
     g = flm_rt.generate(m, steps=4, stochasticity=1.0, noise=vectors["noises"])
     assert torch.equal(g.token_ids, vectors["fmlm.fp32.g1.0.steps4.ids"])
+
+
+def test_embedded_noise_has_the_right_covariance(golden_dir):
+    """u @ C^T with C C^T = E^T E is distributed as eps @ E for eps ~ N(0, I_V)."""
+    m = flm_rt.load(golden_dir / "fmlm.ckpt", device="cpu")
+    e = m.denoiser.vocab_embed.embedding.double()
+    gram = e.T @ e
+    c = m.embedded_noise_factor().double()
+    assert torch.allclose(c @ c.T, gram, rtol=1e-5, atol=1e-5 * gram.abs().max().item())
+    u = torch.randn(200_000, c.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    emp = (u @ c.T).T @ (u @ c.T) / u.shape[0]
+    assert ((emp - gram).norm() / gram.norm()).item() < 0.02
+
+
+def test_embedding_space_seeded(gpt2_model):
+    a = flm_rt.generate(gpt2_model, num_samples=2, steps=2, stochasticity=0.7, seed=4, noise_space="embedding")
+    b = flm_rt.generate(gpt2_model, num_samples=1, steps=2, stochasticity=0.7, seed=4, noise_space="embedding")
+    assert torch.equal(a.token_ids[:1], b.token_ids) and a.text is not None
+    with pytest.raises(GenerationError, match="noise_space"):
+        flm_rt.generate(gpt2_model, noise_space="logits")

@@ -76,3 +76,12 @@ def test_ema_weights_are_used(golden_dir, vectors):
     raw = flm_rt.load(golden_dir / "fmlm.ckpt", device="cpu", use_ema=False)
     gen = flm_rt.generate(raw, steps=1, stochasticity=0.0, noise=vectors["noises"])
     assert not torch.equal(gen.token_ids, vectors["fmlm.fp32.g0.0.steps1.ids"])
+
+
+@pytest.mark.parametrize("kind,s,steps", [("fmlm", 0.0, 1), ("fmlm", 0.8, 8), ("fmlm", 1.0, 4), ("flm", 0.0, 16)])
+def test_embedding_space_sampler_is_the_same_process(models, vectors, kind, s, steps):
+    """With the same V-space draws, running the process in embedding space gives the golden ids."""
+    key = f"fmlm.fp32.g{s}.steps{steps}.ids" if kind == "fmlm" else f"flm.fp32.steps{steps}.ids"
+    gen = flm_rt.generate(models[kind]["ckpt"], steps=steps, stochasticity=s, noise=vectors["noises"],
+                          noise_space="embedding")
+    assert torch.equal(gen.token_ids, vectors[key])
