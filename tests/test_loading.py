@@ -237,3 +237,27 @@ def test_flm_training_only_weights_dropped(golden_dir):
     m = flm_rt.load(golden_dir / "flm-hub", device="cpu")
     assert not m.config.two_time
     assert not any(k.startswith("learnable_loss_weighting") for k in m.denoiser.state_dict())
+
+
+def test_compiled_prefix_teacher_keys_and_ema_order(golden_dir, tmp_path, vectors):
+    """torch.compile's `._orig_mod.` is stripped, `teacher*` keys dropped, EMA tensors taken in parameter order."""
+    ref = flm_rt.load(golden_dir / "fmlm.ckpt", device="cpu")
+    raw = flm_rt.load(golden_dir / "fmlm.ckpt", device="cpu", use_ema=False)
+    sd = {}
+    for k, v in raw.denoiser.state_dict().items():
+        sd[f"backbone._orig_mod.{k}"] = v.clone()
+        sd[f"teacher.{k}"] = torch.zeros_like(v)
+    shadow = [v.clone() for k, v in ref.denoiser.state_dict().items() if k != "rotary_emb.inv_freq"]
+    cfg = {"model": {"n_heads": 4, "length": 32}, "algo": {"name": "dos_denoiser"}}
+    path = tmp_path / "compiled.ckpt"
+    torch.save({"state_dict": sd, "ema": {"decay": 0.9999, "num_updates": 1, "shadow_params": shadow},
+                "hyper_parameters": {"config": cfg}}, path)
+    m = flm_rt.load(path, device="cpu")
+    assert m.weights == "ema"
+    g = flm_rt.generate(m, steps=2, stochasticity=0.8, noise=vectors["noises"])
+    assert torch.equal(g.token_ids, vectors["fmlm.fp32.g0.8.steps2.ids"])
+
+    torch.save({"state_dict": sd, "ema": {"shadow_params": shadow[:-1]}, "hyper_parameters": {"config": cfg}},
+               path)
+    with pytest.raises(CheckpointError, match="EMA holds"):
+        flm_rt.load(path)
