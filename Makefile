@@ -12,7 +12,7 @@ all: build
 # 1. Virtual environment with every pinned dependency (torch 2.14.1 comes from the local wheel cache).
 $(DEPS): requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel
+	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=77" wheel
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
