@@ -32,10 +32,9 @@ TORCH_LIBRARY(flm_rt, m) {
   // z, eps: float32 [..., V]; logits: float32/bfloat16/float16 [..., V]; a, b, c: float32 with 1 element or
   // one per row (numel == prod(z.shape[:-1])). Contract and derivation: docs/KERNELS.md, flm_rt/ops.py.
   m.def("flow_map_step(Tensor z, Tensor logits, Tensor a, Tensor b, Tensor c, Tensor? eps, float cap) -> Tensor");
-  // Same, written into z.
-  m.def(
-      "flow_map_step_(Tensor(a!) z, Tensor logits, Tensor a, Tensor b, Tensor c, Tensor? eps, float cap) "
-      "-> Tensor(a!)");
+  // Same, written into z (returns nothing: mutating custom ops must not return aliases of their inputs
+  // for torch.compile / functionalization; the Python wrapper flm_rt.ops.flow_map_step_ returns z).
+  m.def("flow_map_step_(Tensor(a!) z, Tensor logits, Tensor a, Tensor b, Tensor c, Tensor? eps, float cap) -> ()");
   // (indices int64 [...], values x.dtype [...]) over the last dimension, torch.max semantics.
   m.def("vocab_argmax(Tensor x) -> (Tensor, Tensor)");
 }

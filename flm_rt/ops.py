@@ -36,6 +36,7 @@ z of shape [B, L, V]: one coefficient per sequence).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Union
 
@@ -68,7 +69,7 @@ def _ref_coef(v: Coef, z: torch.Tensor) -> Union[float, torch.Tensor]:
     if isinstance(v, (int, float)):
         return float(v)
     t = v.to(torch.float32)
-    if t.numel() == 1:
+    if math.prod(t.shape) == 1:  # static shape arithmetic: no data-dependent branch while tracing
         return t.reshape(())
     # one value per row of z: broadcast to z.shape[:-1] (raises if impossible), constant along V
     return t.broadcast_to(z.shape[:-1]).unsqueeze(-1)
@@ -130,7 +131,7 @@ if _ext.EXT_LOADED:
     @torch.library.register_fake("flm_rt::flow_map_step_")
     def _flow_map_step_inplace_fake(z, logits, a, b, c, eps, cap):
         _fake_check_step("flm_rt::flow_map_step_", z, logits, a, b, c, eps)
-        return z
+        return None
 
     @torch.library.register_fake("flm_rt::vocab_argmax")
     def _vocab_argmax_fake(x):
@@ -245,8 +246,9 @@ def flow_map_step_(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: C
         be = "torch"
     if be == "torch":
         return z.copy_(flow_map_step_reference(z, logits, a, b, c, eps, cap))
-    return torch.ops.flm_rt.flow_map_step_(z, logits, _rows_coef(a, z, "a"), _rows_coef(b, z, "b"),
-                                           _rows_coef(c, z, "c"), eps, float(cap))
+    torch.ops.flm_rt.flow_map_step_(z, logits, _rows_coef(a, z, "a"), _rows_coef(b, z, "b"),
+                                    _rows_coef(c, z, "c"), eps, float(cap))
+    return z
 
 
 def vocab_argmax(x: torch.Tensor, *, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:

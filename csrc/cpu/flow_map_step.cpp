@@ -72,7 +72,7 @@ at::Tensor flow_map_step_cpu(const at::Tensor& z, const at::Tensor& logits, cons
   return out;
 }
 
-at::Tensor& flow_map_step_inplace_cpu(at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
+void flow_map_step_inplace_cpu(at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
                                       const at::Tensor& b, const at::Tensor& c,
                                       const std::optional<at::Tensor>& eps, double cap) {
   const RowShape shape = check_step_inputs("flm_rt::flow_map_step_", z, logits, a, b, c, eps, c10::DeviceType::CPU);
@@ -83,7 +83,6 @@ at::Tensor& flow_map_step_inplace_cpu(at::Tensor& z, const at::Tensor& logits, c
     step_into(tmp, z, logits, a, b, c, eps, cap, shape);
     z.copy_(tmp);
   }
-  return z;
 }
 
 }  // namespace

@@ -65,13 +65,13 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) step_kernel(co
 
     // ---- pass 1: softmax statistics -------------------------------------------------------------
     float m = p.fixed_shift ? 0.0f : -kInf;
-    float s = 0.0f;
+    float s = 0.0f, comp = 0.0f;
     auto accumulate = [&](float x) {
       const float y = p.capped ? cap * tanhf(x / cap) : x;
       if (p.fixed_shift) {
-        s += expf(y);
+        kahan_add(s, comp, expf(y));
       } else {
-        ms_add(m, s, y);
+        ms_add(m, s, comp, y);
       }
     };
     for (int64_t k = lane; k < sp.head; k += NT) accumulate(static_cast<float>(lg[k]));
@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) step_kernel(co
     }
     for (int64_t k = sp.tail_begin + lane; k < V; k += NT) accumulate(static_cast<float>(lg[k]));
 
+    s = s - comp;
     if (p.fixed_shift) {
       s = warp_reduce_sum(s);
     } else {
@@ -215,7 +216,7 @@ at::Tensor flow_map_step_cuda(const at::Tensor& z, const at::Tensor& logits, con
   return out;
 }
 
-at::Tensor& flow_map_step_inplace_cuda(at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
+void flow_map_step_inplace_cuda(at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
                                        const at::Tensor& b, const at::Tensor& c,
                                        const std::optional<at::Tensor>& eps, double cap) {
   const RowShape shape =
@@ -228,7 +229,6 @@ at::Tensor& flow_map_step_inplace_cuda(at::Tensor& z, const at::Tensor& logits, 
     step_into(tmp, z, logits, a, b, c, eps, cap, shape);
     z.copy_(tmp);
   }
-  return z;
 }
 
 }  // namespace

@@ -76,12 +76,24 @@ __device__ __forceinline__ RowSplit split_row(int64_t row_offset, int64_t V, int
 // ---- (max, sum of exp) pairs: online softmax statistics -------------------------------------------
 // Invariant: s = sum_j exp(y_j - m) over the elements seen; m = -inf and s = 0 for none (or all -inf).
 // A NaN or +inf element makes s NaN, as in torch.softmax.
-__device__ __forceinline__ void ms_add(float& m, float& s, float y) {
+// Compensated (Kahan) summation: each thread adds up to ~V/blockDim terms, and a plain running sum of
+// ~256 similar terms would drift by ~1e-5 relative; with the compensation the error stays ~1e-7.
+__device__ __forceinline__ void kahan_add(float& s, float& comp, float v) {
+  const float y = v - comp;
+  const float t = s + y;
+  comp = (t - s) - y;
+  s = t;
+}
+
+// comp is the Kahan compensation of s (fold it with s - comp before reducing across threads).
+__device__ __forceinline__ void ms_add(float& m, float& s, float& comp, float y) {
   if (y > m) {
-    s = s * expf(m - y);
+    const float r = expf(m - y);
+    s = s * r;
+    comp = comp * r;
     m = y;
   }
-  if (y != -kInf) s += expf(y - m);
+  if (y != -kInf) kahan_add(s, comp, expf(y - m));
 }
 
 __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2) {
