@@ -1,0 +1,158 @@
+"""``flm-rt bench``: run the benchmark suite and write results.json / results.md / plots."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from .suite import ALL_ROWS, AR_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, SHAPES
+
+QUICK_HELP = ("a subset that finishes in under 10 minutes on a 2-core CPU: lm1b at steps 1,2,4,8 batch 1 "
+              "(flm_rt, flm_rt[torch-kernels], flm_rt[embedding-noise], reference; onnx at 1 step when flm_rt.export exists), owt at 1 step "
+              "batch 1 (flm_rt, flm_rt[embedding-noise], reference) and the autoregressive baseline generating 1024 tokens; 3 repeats")
+
+
+def _ints(s: str) -> list:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out or any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def _names(known: Sequence[str]):
+    def parse(s: str) -> list:
+        out = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in out if x not in known]
+        if bad or not out:
+            raise argparse.ArgumentTypeError(f"unknown {bad or s!r}; choose from {', '.join(known)}")
+        return out
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flm-rt bench",
+        description="Time flm_rt against the research-code sampler, exported graphs and an autoregressive LM; "
+                    "write results.json, results.md and plots under bench/results/<device>/.")
+    p.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    p.add_argument("--shapes", type=_names(list(SHAPES)), default=None,
+                   help=f"comma-separated from {', '.join(SHAPES)} (default lm1b,owt)")
+    p.add_argument("--steps", type=_ints, default=None, help="comma-separated step counts (default 1,2,4,8)")
+    p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes (default 1,8 on CPU, "
+                                                             "1,8,64 on GPU)")
+    p.add_argument("--rows", type=_names(ALL_ROWS), default=None,
+                   help=f"comma-separated from {', '.join(ALL_ROWS)} (default all)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32 on CPU, "
+                                                 "bfloat16 on GPU)")
+    p.add_argument("--stochasticity", type=float, default=0.0, help="FMLM stochasticity s (default 0.0)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case, median reported (default 5, "
+                                                             "quick 3)")
+    p.add_argument("--max-case-s", type=float, default=None,
+                   help="fewer repeats when one run is slow: at most about this many seconds per case "
+                        "(default 60, quick 10)")
+    p.add_argument("--ar-tokens", type=int, default=None,
+                   help="tokens the autoregressive baseline actually generates (default: the shape's length); "
+                        "fewer are scaled up to the length per token, which favours the baseline")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default bench/results/<device-name>)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def settings_from_args(args):
+    import torch
+
+    from ..api import resolve_device
+    from .suite import BenchSettings
+
+    dev = resolve_device(args.device)
+    gpu = dev.type == "cuda"
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    s = BenchSettings(device=str(dev), dtype=dtype, stochasticity=args.stochasticity, seed=args.seed)
+    if args.quick:
+        s.repeats, s.max_case_s = 3, 10.0
+        rows = args.rows or list(ALL_ROWS)
+        shapes = args.shapes or ["lm1b", "owt"]
+        steps = args.steps or [1, 2, 4, 8]
+        batch = args.batch or [1]
+        cases = []
+        for shape in shapes:
+            shape_steps = steps if shape != "owt" else [min(steps)]
+            for b in batch:
+                shape_rows = FLM_ROWS + (EMB_ROW,) if shape != "owt" else ("flm_rt", EMB_ROW, "reference")
+                cases += [(shape, r, n, b) for n in shape_steps for r in shape_rows if r in rows]
+                if shape == "lm1b":
+                    cases += [(shape, r, min(steps), b) for r in EXPORT_ROWS[:1] if r in rows]
+                if shape == "owt" and AR_ROW in rows:
+                    cases.append((shape, AR_ROW, None, b))
+        s.cases = cases
+    else:
+        s.shapes = args.shapes or ["lm1b", "owt"]
+        s.steps = args.steps or [1, 2, 4, 8]
+        s.batches = args.batch or ([1, 8, 64] if gpu else [1, 8])
+        s.rows = args.rows or list(ALL_ROWS)
+    if args.repeats is not None:
+        s.repeats = max(1, args.repeats)
+    if args.max_case_s is not None:
+        s.max_case_s = args.max_case_s
+    s.ar_tokens = args.ar_tokens
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return s
+
+
+def default_out_dir(device) -> str:
+    from .suite import device_slug
+
+    root = os.getcwd()
+    return os.path.join(root, "bench", "results", device_slug(device))
+
+
+def cli_bench(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    from .report import write_report
+    from .suite import Suite
+
+    settings = settings_from_args(args)
+    suite = Suite(settings)
+    cases = suite.case_list()
+    out_dir = args.out or default_out_dir(suite.device)
+    print(f"flm-rt bench: {len(cases)} case(s) on {suite.device} ({suite.dtype_name}); results -> {out_dir}",
+          file=sys.stderr)
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cases), unit="case", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            bar = None
+
+    def on_case(case, res):
+        shape, row, steps, b = case
+        msg = (f"{shape} {row} steps={steps} B={b}: "
+               + (f"{res.median_s * 1e3:.1f} ms" if res.status == "ok" else f"{res.status} ({res.reason})"))
+        if bar is not None:
+            bar.set_postfix_str(msg[:80])
+            bar.update(1)
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr)
+
+    results = suite.run(on_case)
+    if bar is not None:
+        bar.close()
+    written = write_report(results, suite.meta, out_dir)
+    print(written["markdown"])
+    print(f"wrote {written['json']}, {written['md']}, " + ", ".join(written["plots"]), file=sys.stderr)
+    return 0 if all(r.status != "error" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli_bench())

@@ -1,0 +1,180 @@
+"""Write benchmark results: ``results.json`` (raw), ``results.md`` (Markdown table), ``latency_vs_steps.png`` and,
+when more than one batch size was run (the GPU suite), ``throughput_vs_batch.png``."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+
+def _fmt(v, spec: str, dash: str = "-") -> str:
+    return dash if v is None else format(v, spec)
+
+
+def _row_dict(r) -> dict:
+    return r if isinstance(r, dict) else r.as_dict()
+
+
+def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
+    rows = [_row_dict(r) for r in results]
+    lines = []
+    if meta:
+        lines.append(f"Device: **{meta.get('device_name')}** ({meta.get('device')}), dtype {meta.get('dtype')}, "
+                     f"torch {meta.get('torch')}, {meta.get('threads')} thread(s), kernels: {meta.get('build_info')}; "
+                     f"peak {_fmt(meta.get('peak_tflops'), '.3g')} TFLOP/s ({meta.get('peak_source')}); "
+                     f"stochasticity {meta.get('stochasticity')}; load average at start {meta.get('loadavg_start')}; "
+                     f"{meta.get('date_utc')}, commit {meta.get('git_commit')}.")
+        lines.append("")
+    lines.append("| shape | row | steps | B | L | V | median ms | ms/token | tokens/s | GFLOP/sample | "
+                 "TFLOP/s | % peak | weights MB | ids = reference | note |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        note = ""
+        if r["status"] != "ok":
+            note = f"{r['status']}: {r.get('reason') or ''}"
+        else:
+            ex = r.get("extra") or {}
+            if r["row"] == "autoregressive":
+                note = f"{ex.get('ar_model')}"
+                if ex.get("ar_extrapolated"):
+                    note += f"; timed {ex.get('ar_tokens_generated')} tokens, scaled to {ex.get('ar_tokens_reported')}"
+            if r.get("noise") == "drawn in the loop":
+                note += "noise drawn in the loop"
+        note = note.replace("|", "/")
+        match = r.get("tokens_match_reference")
+        lines.append(
+            f"| {r['shape']} | {r['row']} | {_fmt(r.get('steps'), 'd', 'n/a')} | {r['batch']} | {r['seq_len']} | "
+            f"{r['vocab_size']} | {_fmt(r.get('median_s') and r['median_s'] * 1e3, '.1f')} | "
+            f"{_fmt(r.get('per_token_ms'), '.4f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
+            f"{_fmt(r.get('flops_per_sample') and r['flops_per_sample'] / 1e9, ',.1f')} | "
+            f"{_fmt(r.get('achieved_tflops'), '.3f')} | {_fmt(r.get('frac_peak') and 100 * r['frac_peak'], '.1f')} | "
+            f"{_fmt(r.get('weight_bytes') and r['weight_bytes'] / 1e6, ',.0f')} | "
+            f"{_fmt(match and 100 * match, '.1f') + ('%' if match is not None else '')} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def speedups(results: Sequence) -> list:
+    """Per (shape, steps, batch): reference / flm_rt and, for steps = 1, autoregressive / flm_rt."""
+    rows = [_row_dict(r) for r in results if _row_dict(r)["status"] == "ok"]
+    by = {(r["shape"], r["row"], r.get("steps"), r["batch"]): r for r in rows}
+    out = []
+    for (shape, row, steps, b), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2] or 0)):
+        if row != "flm_rt":
+            continue
+        ref = by.get((shape, "reference", steps, b))
+        ar = by.get((shape, "autoregressive", None, b))
+        out.append({"shape": shape, "steps": steps, "batch": b,
+                    "vs_reference": ref["median_s"] / r["median_s"] if ref else None,
+                    "ids_match_reference": r.get("tokens_match_reference"),
+                    "vs_autoregressive": ar["median_s"] / r["median_s"] if ar else None})
+    return out
+
+
+def speedup_table(results: Sequence) -> str:
+    sp = speedups(results)
+    if not sp:
+        return ""
+    lines = ["| shape | steps | B | flm_rt speed-up vs reference | ids = reference | flm_rt speed-up vs autoregressive (same number of tokens) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in sp:
+        m = s["ids_match_reference"]
+        lines.append(f"| {s['shape']} | {s['steps']} | {s['batch']} | {_fmt(s['vs_reference'], '.2f')}x | "
+                     f"{'-' if m is None else f'{100 * m:.1f}%'} | "
+                     f"{_fmt(s['vs_autoregressive'], '.1f')}{'x' if s['vs_autoregressive'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows: list, out_dir: str, meta: dict) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ok = [r for r in rows if r["status"] == "ok"]
+    shapes = [s for s in dict.fromkeys(r["shape"] for r in ok)] or ["(none)"]
+    title = f"{meta.get('device_name', '')}, {meta.get('dtype', '')}"
+
+    # Per-token latency vs steps, one line per row (per batch size when several), one panel per shape.
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.2 * len(shapes), 4.2), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in ok if r["shape"] == shape]
+        batches = sorted({r["batch"] for r in sub})
+        all_steps = sorted({r["steps"] for r in sub if r.get("steps")}) or [1]
+        for row in dict.fromkeys(r["row"] for r in sub):
+            for b in batches:
+                pts = sorted((r["steps"], r["per_token_ms"]) for r in sub
+                             if r["row"] == row and r["batch"] == b and r.get("steps"))
+                label = row if len(batches) == 1 else f"{row}, B={b}"
+                if row == "autoregressive":
+                    ar = [r for r in sub if r["row"] == row and r["batch"] == b]
+                    if ar:
+                        ax.plot(all_steps, [ar[0]["per_token_ms"]] * len(all_steps), "--", color="gray",
+                                label=f"{label} ({ar[0]['seq_len']} tokens, KV cache)")
+                elif pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(all_steps)
+        ax.set_xticklabels([str(s) for s in all_steps])
+        ax.set_xlabel("sampling steps (network calls)")
+        ax.set_ylabel("ms per generated token (median / (B L))")
+        ax.set_title(f"{shape}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Per-token latency vs steps - {title}", fontsize=10)
+    fig.tight_layout()
+    p = os.path.join(out_dir, "latency_vs_steps.png")
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    written.append(p)
+
+    # Throughput vs batch (when several batch sizes were run), at the smallest step count.
+    if len({r["batch"] for r in ok}) > 1:
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5.2 * len(shapes), 4.2), squeeze=False)
+        for ax, shape in zip(axes[0], shapes):
+            sub = [r for r in ok if r["shape"] == shape]
+            steps_min = min((r["steps"] for r in sub if r.get("steps")), default=None)
+            for row in dict.fromkeys(r["row"] for r in sub):
+                pts = sorted((r["batch"], r["tokens_per_s"]) for r in sub if r["row"] == row
+                             and (r.get("steps") == steps_min or row == "autoregressive"))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if row != "autoregressive" else "s--",
+                            label=row if row == "autoregressive" else f"{row}, {steps_min} step(s)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size B")
+            ax.set_ylabel("generated tokens / s")
+            ax.set_title(shape)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Throughput vs batch - {title}", fontsize=10)
+        fig.tight_layout()
+        p = os.path.join(out_dir, "throughput_vs_batch.png")
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def write_report(results: Sequence, meta: dict, out_dir: str) -> dict:
+    """Write the files into ``out_dir`` (created). Returns {"json", "md", "plots": [...], "markdown": str}."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [_row_dict(r) for r in results]
+    sp = speedups(rows)
+    pj = os.path.join(out_dir, "results.json")
+    with open(pj, "w") as f:
+        json.dump({"meta": meta, "speedups": sp, "results": rows}, f, indent=1, default=str)
+        f.write("\n")
+    md = "# flm_rt benchmark results\n\n" + markdown_table(rows, meta)
+    st = speedup_table(rows)
+    if st:
+        md += "\n" + st
+    md += ("\nms/token = median latency / (B x L). GFLOP/sample counts the matmuls (dense V-space embedding, blocks, "
+           "attention, output projection) for all steps; state updates are memory-bound and not counted. "
+           "Raw numbers, timings and notes: results.json.\n")
+    pm = os.path.join(out_dir, "results.md")
+    with open(pm, "w") as f:
+        f.write(md)
+    plots = _plots(rows, out_dir, meta)
+    return {"json": pj, "md": pm, "plots": plots, "markdown": md}

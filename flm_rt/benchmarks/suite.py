@@ -1,0 +1,537 @@
+"""The benchmark cases: shapes x steps x batch x rows, timed, with FLOPs, bytes and fraction of peak.
+
+Rows (what is timed, always from pre-drawn Gaussian noise unless the noise does not fit in memory):
+- ``flm_rt``: ``flm_rt.generate(..., kernels="auto")`` (compiled ops when built);
+- ``flm_rt[torch-kernels]``: the same with the pure-PyTorch ops (``kernels="torch"``);
+- ``reference``: :func:`flm_rt.benchmarks.reference.reference_generate`, the research code's computation;
+- ``onnx`` / ``torchscript`` / ``aoti``: graphs from ``flm_rt.export`` (when that module exists);
+- ``autoregressive``: a SmolLM2-135M-class causal LM generating the same number of tokens with a KV cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+SHAPES = {
+    "tiny": dict(vocab_size=1000, length=32, hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32),
+    "lm1b": dict(vocab_size=30522, length=128, hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128),
+    "owt": dict(vocab_size=50258, length=1024, hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128),
+}
+FLM_ROWS = ("flm_rt", "flm_rt[torch-kernels]", "reference")
+EMB_ROW = "flm_rt[embedding-noise]"  # noise_space="embedding": draws in R^D, no [B, L, V] noise (other draws)
+EXPORT_ROWS = ("onnx", "torchscript", "aoti")
+AR_ROW = "autoregressive"
+ALL_ROWS = FLM_ROWS + (EMB_ROW,) + EXPORT_ROWS + (AR_ROW,)
+OUTPUT_SCALE = 8.0  # random output projection scaled up: peaked distributions, as in a trained model
+
+# Datasheet dense peaks, TFLOP/s (no sparsity). fp32 = non-tensor-core FP32 (torch's default for fp32 matmuls).
+GPU_PEAKS_TFLOPS = {
+    "h100 sxm": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
+    "h100 nvl": {"bfloat16": 835.0, "float16": 835.0, "float32": 60.0},
+    "h100 pcie": {"bfloat16": 756.5, "float16": 756.5, "float32": 51.2},
+    "h100": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
+    "h200": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
+    "a100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+    "l4": {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3},
+}
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+def flops_per_call(cfg, seq_len: Optional[int] = None, float_input: bool = True) -> float:
+    """Forward FLOPs of one denoiser call on one sample (multiply-add = 2 FLOPs).
+
+    embedding 2 L V D (dense float input) + per block [qkv 6 L D^2 + out 2 L D^2 + MLP 16 L D^2 + attention
+    scores and values 4 L^2 D + adaLN 12 C D] + output layer 2 L D V + its adaLN 4 C D + time MLPs. The state
+    update, soft-caps, softmax and argmax are O(L V) memory-bound work and are not counted.
+    """
+    L = seq_len or cfg.length
+    V, D, C, N = cfg.vocab_size, cfg.hidden_size, cfg.cond_dim, cfg.n_blocks
+    emb = 2 * L * V * D if float_input else 0
+    block = 24 * L * D * D + 4 * L * L * D + 2 * C * 6 * D
+    out = 2 * L * D * V + 2 * C * 2 * D
+    time_mlp = (2 if cfg.two_time else 1) * 2 * (256 * C + C * C)
+    return float(emb + N * block + out + time_mlp)
+
+
+def flops_per_sample(cfg, steps: int, seq_len: Optional[int] = None) -> float:
+    return steps * flops_per_call(cfg, seq_len)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.denoiser.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ device info
+def cpu_name() -> str:
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name for results: e.g. ``cpu-amd-epyc-2c`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    if device.type == "cuda":
+        base = "cuda-" + torch.cuda.get_device_name(device)
+    else:
+        base = "cpu-" + re.sub(r"\(.*\)", "", cpu_name()) + f"-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
+                          repeats: int = 5) -> float:
+    """Best-of-``repeats`` throughput of one large square ``torch.mm`` in ``dtype`` (TFLOP/s)."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, measured: Optional[float] = None) -> dict:
+    """The peak used for "fraction of peak": the datasheet figure on known GPUs, else the measured matmul rate."""
+    dt = str(dtype).replace("torch.", "")
+    if measured is None:
+        measured = measure_matmul_tflops(device, dtype)
+    if device.type == "cuda":
+        gname = torch.cuda.get_device_name(device).lower()
+        for key, peaks in GPU_PEAKS_TFLOPS.items():
+            if all(part in gname for part in key.split()):
+                return {"peak_tflops": peaks[dt], "peak_source": f"datasheet dense {dt}, {key.upper()}",
+                        "measured_matmul_tflops": measured}
+    return {"peak_tflops": measured,
+            "peak_source": f"measured: best of 5 torch.mm {'2048' if device.type == 'cpu' else '8192'}^2 in {dt}, "
+                           f"{torch.get_num_threads()} thread(s)",
+            "measured_matmul_tflops": measured}
+
+
+def git_commit() -> Optional[str]:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def loadavg() -> Optional[list]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclass
+class BenchSettings:
+    shapes: Sequence[str] = ("lm1b",)
+    steps: Sequence[int] = (1, 2, 4, 8)
+    batches: Sequence[int] = (1,)
+    rows: Sequence[str] = FLM_ROWS
+    device: Optional[str] = None
+    dtype: str = "float32"
+    stochasticity: float = 0.0
+    repeats: int = 5
+    warmup: int = 1
+    max_case_s: float = 60.0            # fewer repeats when one run is slow (never fewer than 1)
+    ar_tokens: Optional[int] = None     # AR tokens actually generated (default: the shape's L); per-token
+                                        # latency is extrapolated to L tokens when fewer
+    cases: Optional[list] = None        # explicit (shape, row, steps, batch) list (overrides the product)
+    seed: int = 0
+    noise_budget_frac: float = 0.25     # pre-draw noise only when it fits in this fraction of memory
+    check_tokens: bool = True           # compare flm_rt rows' ids against the reference row (same draws)
+
+
+@dataclass
+class CaseResult:
+    shape: str
+    row: str
+    steps: Optional[int]
+    batch: int
+    seq_len: int
+    vocab_size: int
+    hidden_size: int
+    n_blocks: int
+    device: str
+    device_name: str
+    dtype: str
+    stochasticity: Optional[float]
+    status: str = "ok"                  # ok | skipped | error
+    reason: Optional[str] = None
+    times_s: list = field(default_factory=list)
+    median_s: Optional[float] = None
+    min_s: Optional[float] = None
+    per_token_ms: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    flops_per_sample: Optional[float] = None
+    achieved_tflops: Optional[float] = None
+    peak_tflops: Optional[float] = None
+    frac_peak: Optional[float] = None
+    weight_bytes: Optional[int] = None
+    noise: Optional[str] = None         # "pre-drawn" | "drawn in the loop"
+    tokens_match_reference: Optional[float] = None
+    threads: int = 0
+    loadavg: Optional[list] = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int,
+            max_case_s: float) -> tuple[list, object]:
+    """Run ``fn`` warm-up times (untimed), then up to ``repeats`` timed runs (CUDA events on GPU)."""
+    out = None
+    t_warm = 0.0
+    for _ in range(max(warmup, 0)):
+        t0 = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        t_warm = time.perf_counter() - t0
+    n = repeats
+    if t_warm > 0 and t_warm * repeats > max_case_s:
+        n = max(1, int(max_case_s // t_warm))
+    times = []
+    for _ in range(n):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            synchronize(device)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+# ------------------------------------------------------------------------------------------------ the suite
+class Suite:
+    """Runs cases, caching models per shape. Use :meth:`run` (with an optional progress callback)."""
+
+    def __init__(self, settings: BenchSettings):
+        from ..api import resolve_device, resolve_dtype
+
+        self.s = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype)
+        self.dtype_name = str(self.dtype).replace("torch.", "")
+        self._models: dict = {}
+        self._exported: dict = {}
+        self._ref_ids: dict = {}
+        self._peak: Optional[dict] = None
+        self.meta: dict = {}
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def model(self, shape: str):
+        if shape not in self._models:
+            from ..api import random_model
+            from ..model import ModelConfig
+
+            self._models.clear()  # one big model at a time
+            self._exported.clear()
+            cfg = ModelConfig(two_time=True, **SHAPES[shape])
+            self._models[shape] = random_model(cfg, seed=0, device=self.device, dtype=self.dtype,
+                                               output_scale=OUTPUT_SCALE)
+        return self._models[shape]
+
+    def peak(self) -> dict:
+        if self._peak is None:
+            self._peak = device_peak(self.device, self.dtype)
+        return self._peak
+
+    def case_list(self) -> list:
+        if self.s.cases is not None:
+            return list(self.s.cases)
+        out = []
+        for shape in self.s.shapes:
+            for b in self.s.batches:
+                for row in self.s.rows:
+                    if row == AR_ROW:
+                        out.append((shape, row, None, b))
+                    else:
+                        out.extend((shape, row, n, b) for n in self.s.steps)
+        return out
+
+    def collect_meta(self) -> dict:
+        from .. import __version__
+
+        try:
+            from .._ext import build_info
+
+            bi = build_info(short=True)
+        except Exception as e:  # noqa: BLE001
+            bi = f"unavailable ({type(e).__name__})"
+        self.meta = {
+            "device": str(self.device), "device_name": device_name(self.device), "device_slug": device_slug(self.device),
+            "dtype": self.dtype_name, "torch": torch.__version__, "flm_rt": __version__, "build_info": bi,
+            "git_commit": git_commit(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "threads": torch.get_num_threads(), "loadavg_start": loadavg(), "python": platform.python_version(),
+            "stochasticity": self.s.stochasticity, "repeats": self.s.repeats, "warmup": self.s.warmup,
+            "output_scale": OUTPUT_SCALE, **self.peak(),
+        }
+        if self.device.type == "cuda":
+            self.meta["cuda"] = torch.version.cuda
+        return self.meta
+
+    # -- running -----------------------------------------------------------------------------------------
+    def run(self, on_case: Optional[Callable[[tuple, "CaseResult"], None]] = None) -> list:
+        self.collect_meta()
+        results = []
+        # Reference rows first within a (shape, steps, batch) group, so flm_rt rows can be compared with them.
+        order = {"reference": 0}
+        cases = sorted(self.case_list(), key=lambda c: (list(SHAPES).index(c[0]) if c[0] in SHAPES else 99,
+                                                       c[3], c[2] or 0, order.get(c[1], 1)))
+        for case in cases:
+            res = self.run_case(*case)
+            results.append(res)
+            if on_case is not None:
+                on_case(case, res)
+        self.meta["loadavg_end"] = loadavg()
+        return results
+
+    def _base(self, shape, row, steps, batch, seq_len=None) -> CaseResult:
+        cfg = SHAPES[shape]
+        return CaseResult(shape=shape, row=row, steps=steps, batch=batch, seq_len=seq_len or cfg["length"],
+                          vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], n_blocks=cfg["n_blocks"],
+                          device=str(self.device), device_name=device_name(self.device), dtype=self.dtype_name,
+                          stochasticity=self.s.stochasticity if row != AR_ROW else None,
+                          threads=torch.get_num_threads())
+
+    def run_case(self, shape: str, row: str, steps: Optional[int], batch: int) -> CaseResult:
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        res = self._base(shape, row, steps, batch)
+        try:
+            if row == AR_ROW:
+                self._run_ar(res)
+            elif row in FLM_ROWS or row in EXPORT_ROWS or row == EMB_ROW:
+                self._run_flm(res)
+            else:
+                raise ValueError(f"unknown row {row!r}; known: {', '.join(ALL_ROWS)}")
+        except _Skip as e:
+            res.status, res.reason = "skipped", str(e)
+        except torch.OutOfMemoryError as e:
+            res.status, res.reason = "skipped", f"out of memory: {str(e).splitlines()[0][:160]}"
+        except Exception as e:  # noqa: BLE001 - a failing row must not end the suite
+            res.status, res.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        res.loadavg = loadavg()
+        return res
+
+    def _finish(self, res: CaseResult, times: list, flops: float, wbytes: int) -> None:
+        res.times_s = [round(t, 6) for t in times]
+        res.median_s = statistics.median(times)
+        res.min_s = min(times)
+        tokens = res.batch * res.seq_len
+        res.per_token_ms = 1e3 * res.median_s / tokens
+        res.tokens_per_s = tokens / res.median_s
+        res.flops_per_sample = flops
+        res.achieved_tflops = flops * res.batch / res.median_s / 1e12
+        res.peak_tflops = self.peak()["peak_tflops"]
+        res.frac_peak = res.achieved_tflops / res.peak_tflops if res.peak_tflops else None
+        res.weight_bytes = int(wbytes)
+
+    # -- FLM / FMLM rows -----------------------------------------------------------------------------------
+    def _run_flm(self, res: CaseResult) -> None:
+        from ..api import generate
+        from .reference import draws_needed, reference_generate
+
+        model = self.model(res.shape)
+        cfg = model.config
+        s = self.s.stochasticity
+        steps, b, L, V = res.steps, res.batch, res.seq_len, cfg.vocab_size
+        need = draws_needed(True, steps, s)
+        noise_bytes = need * b * L * V * 4
+        predrawn = noise_bytes <= self.s.noise_budget_frac * _free_memory_bytes(self.device)
+        res.noise = "pre-drawn" if predrawn else "drawn in the loop"
+        seed = self.s.seed
+        if predrawn:
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            noise = torch.randn((need, b, L, V), generator=g, device=self.device)
+        else:
+            noise = None
+
+        def gen():
+            return torch.Generator(device=self.device).manual_seed(seed)
+
+        if res.row == "reference":
+            autocast = None if self.dtype == torch.float32 else self.dtype
+            if predrawn:
+                fn = lambda: reference_generate(model, noise, steps, s, autocast_dtype=autocast)  # noqa: E731
+            else:
+                fn = lambda: reference_generate(model, gen(), steps, s, autocast_dtype=autocast,  # noqa: E731
+                                                batch=b, seq_len=L)
+            res.extra["reference_precision"] = ("fp32" if autocast is None else
+                                                f"{self.dtype_name} autocast, fp32 weights, plain-PyTorch attention")
+        elif res.row in FLM_ROWS:
+            kernels = "torch" if res.row == "flm_rt[torch-kernels]" else "auto"
+            if predrawn:
+                fn = lambda: generate(model, noise=noise, steps=steps, stochasticity=s, decode=False,  # noqa: E731
+                                      kernels=kernels).token_ids
+            else:
+                fn = lambda: generate(model, num_samples=b, steps=steps, stochasticity=s,  # noqa: E731
+                                      generator=gen(), decode=False, kernels=kernels).token_ids
+            if kernels == "auto":
+                try:
+                    from .._ext import build_info
+
+                    res.extra["kernels"] = build_info(short=True)
+                except Exception as e:  # noqa: BLE001
+                    res.extra["kernels"] = f"unavailable ({type(e).__name__})"
+        elif res.row == EMB_ROW:
+            import inspect
+
+            if "noise_space" not in inspect.signature(generate).parameters:
+                raise _Skip("this flm_rt has no noise_space option")
+            predrawn = False
+            res.noise = "drawn in the loop (R^D, N(0, E^T E))"
+            fn = lambda: generate(model, num_samples=b, steps=steps, stochasticity=s,  # noqa: E731
+                                  generator=gen(), decode=False, noise_space="embedding").token_ids
+            res.extra["note"] = "other Gaussian draws than the V-space rows: ids not comparable"
+        else:
+            if not predrawn:
+                raise _Skip("exported graphs take explicit noise, which does not fit in memory here")
+            fn = self._export_runner(res, model, noise, steps, s)
+
+        times, ids = time_fn(fn, self.device, repeats=self.s.repeats, warmup=self.s.warmup,
+                             max_case_s=self.s.max_case_s)
+        self._finish(res, times, flops_per_sample(cfg, steps, L), weight_bytes(model))
+        ids = torch.as_tensor(ids).to("cpu", torch.int64)
+        key = (res.shape, steps, b)
+        if res.row == "reference":
+            self._ref_ids[key] = ids
+        elif self.s.check_tokens and key in self._ref_ids and res.row != EMB_ROW:
+            res.tokens_match_reference = float((ids == self._ref_ids[key]).float().mean())
+
+    def _export_runner(self, res: CaseResult, model, noise, steps, s):
+        import importlib
+
+        try:
+            export_mod = importlib.import_module("flm_rt.export")
+        except ImportError as e:
+            raise _Skip(f"flm_rt.export is not available ({e})") from None
+        fmt = res.row
+        suffix = {"onnx": ".onnx", "torchscript": ".pt", "aoti": ".pt2"}[fmt]
+        key = (res.shape, fmt, steps, s)
+        if key not in self._exported:
+            d = tempfile.mkdtemp(prefix="flm_rt_bench_")
+            path = os.path.join(d, f"{res.shape}_{steps}_{s}{suffix}")
+            t0 = time.perf_counter()
+            try:
+                export_mod.export(model, path, format=fmt, steps=steps, stochasticity=s)
+            except Exception as e:  # noqa: BLE001
+                raise _Skip(f"export to {fmt} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            export_s = time.perf_counter() - t0
+            if fmt == "onnx":
+                try:
+                    import onnxruntime as ort
+                except ImportError:
+                    raise _Skip("onnxruntime is not installed") from None
+                providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda"
+                             else ["CPUExecutionProvider"])
+                sess = ort.InferenceSession(path, providers=[p for p in providers
+                                                             if p in ort.get_available_providers()])
+                input_name = sess.get_inputs()[0].name
+
+                def run(x, _sess=sess, _name=input_name):
+                    return torch.from_numpy(_sess.run(None, {_name: x.cpu().numpy()})[0])
+            elif fmt == "torchscript":
+                mod = torch.jit.load(path, map_location=self.device)
+                run = mod.generate if hasattr(mod, "generate") else mod
+            else:
+                from torch._inductor import aoti_load_package
+
+                run = aoti_load_package(path)
+            self._exported[key] = (run, export_s, path)
+        run, export_s, path = self._exported[key]
+        res.extra["export_s"] = round(export_s, 3)
+        res.extra["export_file_mb"] = round(os.path.getsize(path) / 1e6, 1) if os.path.exists(path) else None
+        return lambda: run(noise)
+
+    # -- autoregressive row --------------------------------------------------------------------------------
+    def _run_ar(self, res: CaseResult) -> None:
+        from .autoregressive import ar_flops_per_sample, ar_generate, ar_weight_bytes, load_ar_model
+
+        ar = load_ar_model(self.device, self.dtype)
+        target = res.seq_len
+        n = min(self.s.ar_tokens or target, target)
+        # Warm-up: a short decode (lazy initialisation, caches); it also estimates one full run's time, which
+        # caps the number of repeats like time_fn does.
+        t0 = time.perf_counter()
+        ar_generate(ar, res.batch, min(8, n))
+        synchronize(self.device)
+        est = (time.perf_counter() - t0) / min(8, n) * n
+        repeats = max(1, min(self.s.repeats, int(self.s.max_case_s // max(est, 1e-9))))
+        times, _ = time_fn(lambda: ar_generate(ar, res.batch, n), self.device, repeats=repeats,
+                           warmup=0, max_case_s=self.s.max_case_s)
+        # Times are scaled to `target` tokens per sample when fewer were generated (flagged; this favours the
+        # AR baseline, whose per-token cost grows with the context).
+        scale = target / n
+        scaled = [t * scale for t in times]
+        self._finish(res, scaled, ar_flops_per_sample(ar.config, target), ar_weight_bytes(ar))
+        res.noise = None
+        res.extra.update({"ar_model": ar.kind, "ar_source": ar.source, "ar_load_notes": ar.notes,
+                          "ar_tokens_generated": n, "ar_tokens_reported": target,
+                          "ar_extrapolated": n != target, "ar_measured_s": [round(t, 4) for t in times],
+                          "ar_params": sum(p.numel() for p in ar.model.parameters())})
+
+
+class _Skip(Exception):
+    pass

@@ -1,0 +1,158 @@
+"""The benchmark's research-code reference sampler reproduces the golden ids and flm_rt's ids (fp32), and the
+report writer produces its three files from a tiny run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY = SHARED / "golden" / "tiny"
+
+
+def _need_golden() -> Path:
+    if not TINY.is_dir():
+        pytest.fail(f"golden vectors not found at {TINY}: the tests need ../shared/ beside the repository")
+    return TINY
+
+
+@pytest.fixture(scope="module")
+def noises():
+    from safetensors.torch import load_file
+
+    return load_file(str(_need_golden() / "vectors.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fmlm():
+    import flm_rt
+
+    return flm_rt.load(_need_golden() / "fmlm.ckpt", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def flm():
+    import flm_rt
+
+    return flm_rt.load(_need_golden() / "flm.ckpt", device="cpu")
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("s", [0.0, 0.8, 1.0])
+def test_reference_fmlm_matches_golden_and_flm_rt(fmlm, noises, s, steps):
+    import flm_rt
+    from flm_rt.benchmarks.reference import draws_needed, reference_generate
+
+    want = noises[f"fmlm.fp32.g{s}.steps{steps}.ids"]
+    draws = noises["noises"][:draws_needed(True, steps, s)]
+    ref = reference_generate(fmlm, draws, steps, s)
+    assert ref.dtype == torch.int64 and ref.shape == want.shape
+    assert torch.equal(ref, want.to(torch.int64))
+    rt = flm_rt.generate(fmlm, noise=draws, steps=steps, stochasticity=s, decode=False, kernels="auto").token_ids
+    assert torch.equal(rt, ref)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_reference_flm_matches_golden_and_flm_rt(flm, noises, steps):
+    import flm_rt
+    from flm_rt.benchmarks.reference import reference_generate
+
+    want = noises[f"flm.fp32.steps{steps}.ids"].to(torch.int64)
+    ref = reference_generate(flm, noises["noises"][:1], steps, 0.0)
+    assert torch.equal(ref, want)
+    rt = flm_rt.generate(flm, noise=noises["noises"][:1], steps=steps, decode=False).token_ids
+    assert torch.equal(rt, ref)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_reference_bf16_autocast_matches_golden(fmlm, noises, steps):
+    from flm_rt.benchmarks.reference import reference_generate
+
+    want = noises[f"fmlm.bf16autocast.g0.0.steps{steps}.ids"].to(torch.int64)
+    ref = reference_generate(fmlm, noises["noises"][:1], steps, 0.0, autocast_dtype=torch.bfloat16)
+    assert torch.equal(ref, want)
+
+
+def test_reference_generator_mode_matches_explicit_noise(fmlm):
+    from flm_rt.benchmarks.reference import reference_generate
+
+    shape = (2, 32, 1000)
+    g = torch.Generator().manual_seed(3)
+    draws = torch.stack([torch.randn(shape, generator=g) for _ in range(2)])
+    a = reference_generate(fmlm, draws, 2, 0.8)
+    b = reference_generate(fmlm, torch.Generator().manual_seed(3), 2, 0.8, batch=2, seq_len=32)
+    assert torch.equal(a, b)
+
+
+def test_flop_count_formula():
+    from flm_rt.benchmarks.suite import SHAPES, flops_per_call, flops_per_sample
+    from flm_rt.model import ModelConfig
+
+    cfg = ModelConfig(two_time=True, **SHAPES["lm1b"])
+    L, V, D = 128, 30522, 768
+    matmuls = 2 * L * V * D * 2 + 12 * (24 * L * D * D + 4 * L * L * D)
+    f = flops_per_call(cfg)
+    assert matmuls < f < matmuls * 1.01  # adaLN and time MLPs are tiny
+    assert flops_per_sample(cfg, 4) == 4 * f
+    # owt is ~0.37 TFLOP per one-step sample
+    owt = ModelConfig(two_time=True, **SHAPES["owt"])
+    assert 3.5e11 < flops_per_call(owt) < 3.9e11
+
+
+def test_report_writes_three_files_from_tiny_run(tmp_path):
+    from flm_rt.benchmarks.report import write_report
+    from flm_rt.benchmarks.suite import BenchSettings, Suite
+
+    settings = BenchSettings(device="cpu", dtype="float32", repeats=1, warmup=1,
+                             cases=[("tiny", "reference", 1, 1), ("tiny", "flm_rt", 1, 1),
+                                    ("tiny", "flm_rt[torch-kernels]", 1, 1), ("tiny", "reference", 2, 1),
+                                    ("tiny", "flm_rt", 2, 1), ("tiny", "nonexistent-row", 1, 1)])
+    suite = Suite(settings)
+    suite._peak = {"peak_tflops": 0.1, "peak_source": "test", "measured_matmul_tflops": 0.1}
+    results = suite.run()
+    ok = [r for r in results if r.status == "ok"]
+    assert len(ok) == 5
+    bad = [r for r in results if r.row == "nonexistent-row"]
+    assert len(bad) == 1 and bad[0].status == "error" and "unknown row" in bad[0].reason
+    for r in ok:
+        assert r.median_s > 0 and r.per_token_ms > 0 and r.flops_per_sample > 0 and r.weight_bytes > 0
+        assert r.frac_peak is not None
+        if r.row.startswith("flm_rt"):
+            assert r.tokens_match_reference == 1.0
+    written = write_report(results, suite.meta, str(tmp_path))
+    for name in ("results.json", "results.md", "latency_vs_steps.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["peak_tflops"] == 0.1 and len(data["results"]) == 6
+    assert "| tiny | flm_rt | 1 |" in written["markdown"]
+    assert not (tmp_path / "throughput_vs_batch.png").exists()  # one batch size only
+
+
+def test_cli_bench_parses_quick_subset():
+    from flm_rt.benchmarks.cli import build_parser, settings_from_args
+
+    s = settings_from_args(build_parser().parse_args(["--quick", "--device", "cpu"]))
+    shapes = {c[0] for c in s.cases}
+    assert shapes == {"lm1b", "owt"}
+    assert ("owt", "autoregressive", None, 1) in s.cases
+    assert {c[2] for c in s.cases if c[0] == "lm1b" and c[1] == "flm_rt"} == {1, 2, 4, 8}
+    assert all(c[3] == 1 for c in s.cases)
+    full = settings_from_args(build_parser().parse_args(["--device", "cpu", "--shapes", "tiny", "--batch", "1,8"]))
+    assert full.batches == [1, 8] and full.cases is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--shapes", "huge"])
+
+
+def test_autoregressive_flop_count():
+    from types import SimpleNamespace
+
+    from flm_rt.benchmarks.autoregressive import SMOLLM2_135M, ar_flops_per_sample
+
+    cfg = SimpleNamespace(**SMOLLM2_135M)
+    one = ar_flops_per_sample(cfg, 1)
+    # ~ 2 x (non-embedding parameters + LM head) per token
+    non_emb = 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536)
+    assert abs(one - 2 * (non_emb + 576 * 49152)) / one < 0.01
+    assert ar_flops_per_sample(cfg, 1024) > 1000 * one
