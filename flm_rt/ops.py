@@ -36,7 +36,6 @@ z of shape [B, L, V]: one coefficient per sequence).
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Union
 
@@ -69,7 +68,10 @@ def _ref_coef(v: Coef, z: torch.Tensor) -> Union[float, torch.Tensor]:
     if isinstance(v, (int, float)):
         return float(v)
     t = v.to(torch.float32)
-    if math.prod(t.shape) == 1:  # static shape arithmetic: no data-dependent branch while tracing
+    # Only rank tests below (Python ints even while tracing): no data-dependent control flow.
+    if t.dim() == 0:
+        return t
+    if z.dim() == 1:  # a single row: exactly one coefficient (reshape raises otherwise)
         return t.reshape(())
     # one value per row of z: broadcast to z.shape[:-1] (raises if impossible), constant along V
     return t.broadcast_to(z.shape[:-1]).unsqueeze(-1)
