@@ -21,7 +21,7 @@ venv: $(DEPS)
 
 # 2. The package (editable) and its compiled extension flm_rt._C (CPU always, CUDA when nvcc is found).
 build: $(DEPS)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -v --no-deps --no-build-isolation -e .
 	$(PY) -c "import flm_rt; print(flm_rt.build_info(short=True))"
 
 # Generate text from the small default model shipped with the package, with timings.
