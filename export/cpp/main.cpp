@@ -1,0 +1,142 @@
+// flm_rt_run: load a TorchScript generate graph (flm-rt export --format torchscript) and print token ids.
+//
+//   flm_rt_run MODEL.pt [--noise FILE.raw] [--seed N] [--batch B] [--draws S --length L --vocab V]
+//
+// Shapes (draws S, length L, vocabulary V) are read from the sidecar MODEL.pt.json written by the exporter
+// unless given on the command line. Noise: --noise FILE.raw holds S*B*L*V little-endian float32 values in
+// [S, B, L, V] order (e.g. numpy's arr.astype('<f4').tofile()); otherwise it is drawn with torch::randn after
+// torch::manual_seed(seed) (deterministic for a given libtorch build). Output: one line of space-separated token
+// ids per sample on stdout; timings on stderr. Exit status 1 with a message on any error.
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Options {
+  std::string model;
+  std::string noise_file;
+  int64_t seed = 0;
+  int64_t batch = -1;
+  int64_t draws = -1, length = -1, vocab = -1;
+};
+
+[[noreturn]] void usage(const std::string& why) {
+  std::cerr << "flm_rt_run: " << why << "\n"
+            << "usage: flm_rt_run MODEL.pt [--noise FILE.raw] [--seed N] [--batch B] [--draws S] [--length L] "
+               "[--vocab V]\n";
+  std::exit(1);
+}
+
+// The sidecar is flat JSON written by flm_rt; only a few integer fields at its top level are needed here.
+int64_t json_int(const std::string& text, const std::string& key, int64_t fallback) {
+  const std::string needle = "\"" + key + "\":";
+  size_t pos = text.find(needle);
+  if (pos == std::string::npos) return fallback;
+  pos += needle.size();
+  while (pos < text.size() && (text[pos] == ' ' || text[pos] == '\n')) ++pos;
+  if (text.compare(pos, 4, "null") == 0) return fallback;
+  try {
+    return std::stoll(text.substr(pos, 32));
+  } catch (const std::exception&) {
+    return fallback;
+  }
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage("missing value after " + a);
+      return argv[++i];
+    };
+    if (a == "--noise") o.noise_file = value();
+    else if (a == "--seed") o.seed = std::stoll(value());
+    else if (a == "--batch") o.batch = std::stoll(value());
+    else if (a == "--draws") o.draws = std::stoll(value());
+    else if (a == "--length") o.length = std::stoll(value());
+    else if (a == "--vocab") o.vocab = std::stoll(value());
+    else if (a == "-h" || a == "--help") usage("help");
+    else if (!a.empty() && a[0] == '-') usage("unknown option " + a);
+    else if (o.model.empty()) o.model = a;
+    else usage("more than one model given");
+  }
+  if (o.model.empty()) usage("no model given");
+  std::ifstream side(o.model + ".json");
+  if (side) {
+    std::stringstream ss;
+    ss << side.rdbuf();
+    const std::string text = ss.str();
+    if (o.draws < 0) o.draws = json_int(text, "draws", -1);
+    if (o.length < 0) o.length = json_int(text, "length", -1);
+    if (o.vocab < 0) o.vocab = json_int(text, "vocab_size", -1);
+    if (o.batch < 0) o.batch = json_int(text, "batch", -1);
+  }
+  if (o.batch < 0) o.batch = 1;
+  if (o.draws < 1 || o.length < 1 || o.vocab < 1)
+    usage("shapes unknown: no sidecar " + o.model + ".json and no --draws/--length/--vocab");
+  return o;
+}
+
+torch::Tensor make_noise(const Options& o) {
+  const std::vector<int64_t> shape = {o.draws, o.batch, o.length, o.vocab};
+  const int64_t n = o.draws * o.batch * o.length * o.vocab;
+  if (o.noise_file.empty()) {
+    torch::manual_seed(static_cast<uint64_t>(o.seed));
+    return torch::randn(shape, torch::kFloat32);
+  }
+  std::ifstream f(o.noise_file, std::ios::binary | std::ios::ate);
+  if (!f) throw std::runtime_error("cannot open noise file " + o.noise_file);
+  const int64_t bytes = static_cast<int64_t>(f.tellg());
+  if (bytes < n * 4)
+    throw std::runtime_error("noise file " + o.noise_file + " holds " + std::to_string(bytes / 4) +
+                             " floats; [S, B, L, V] needs " + std::to_string(n));
+  f.seekg(0);
+  torch::Tensor t = torch::empty(shape, torch::kFloat32);
+  f.read(reinterpret_cast<char*>(t.data_ptr<float>()), n * 4);
+  return t;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options o = parse(argc, argv);
+  try {
+    torch::jit::script::Module module = torch::jit::load(o.model);
+    module.eval();
+    torch::NoGradGuard no_grad;
+    torch::Tensor noise = make_noise(o);
+    auto t0 = std::chrono::steady_clock::now();
+    torch::Tensor ids = module.forward({noise}).toTensor().to(torch::kInt64).contiguous();
+    auto t1 = std::chrono::steady_clock::now();
+    if (ids.dim() != 2) throw std::runtime_error("the graph returned a " + std::to_string(ids.dim()) + "-d tensor");
+    const int64_t* p = ids.data_ptr<int64_t>();
+    for (int64_t b = 0; b < ids.size(0); ++b) {
+      for (int64_t l = 0; l < ids.size(1); ++l) std::cout << (l ? " " : "") << p[b * ids.size(1) + l];
+      std::cout << "\n";
+    }
+    std::cerr << "[" << ids.size(0) << " x " << ids.size(1) << " tokens: "
+              << std::chrono::duration<double, std::milli>(t1 - t0).count() << " ms]\n";
+  } catch (const c10::Error& e) {
+    // TorchScript errors carry the graph's traceback; its last line is the message
+    std::string msg = e.what_without_backtrace();
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    const size_t nl = msg.rfind('\n');
+    std::cerr << "flm_rt_run: " << (nl == std::string::npos ? msg : msg.substr(nl + 1)) << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "flm_rt_run: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
