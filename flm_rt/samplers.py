@@ -126,8 +126,9 @@ def run_plan(
         with nvtx.range("flow_map_step"):
             if space == "vocab":
                 coef = torch.tensor([st.a, st.b, st.c], dtype=torch.float32, device=x.device)
-                x = ops.flow_map_step(x, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP,
-                                      backend=kernels)
+                # The first update writes a new tensor (draw(0) may be the caller's noise); later ones reuse it.
+                step = ops.flow_map_step_ if i > 0 else ops.flow_map_step
+                x = step(x, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
             else:
                 p = torch.softmax(softcap_logits(logits.float(), LOGIT_SOFTCAP), dim=-1)
                 x = torch.addmm((st.a * x).flatten(0, 1), p.flatten(0, 1), denoiser.vocab_embed.embedding.float(),

@@ -160,3 +160,11 @@ def test_embedding_space_seeded(gpt2_model):
     assert torch.equal(a.token_ids[:1], b.token_ids) and a.text is not None
     with pytest.raises(GenerationError, match="noise_space"):
         flm_rt.generate(gpt2_model, noise_space="logits")
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_callers_noise_is_not_modified(golden_dir, vectors, kernels):
+    m = flm_rt.load(golden_dir / "fmlm.ckpt", device="cpu")
+    noise = vectors["noises"].clone()
+    flm_rt.generate(m, steps=4, stochasticity=0.8, noise=noise, kernels=kernels)
+    assert torch.equal(noise, vectors["noises"])
