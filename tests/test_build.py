@@ -123,6 +123,9 @@ def test_cmake_library_and_cpp_demo(tmp_path):
     cmake, ninja = _tool("cmake"), _tool("ninja")
     if cmake is None or ninja is None:
         pytest.skip("cmake and ninja are needed (pip install cmake ninja)")
+    if torch.version.cuda and not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")
+                                   or os.path.exists("/usr/local/cuda/bin/nvcc")):
+        pytest.skip("a CUDA build of libtorch needs a CUDA toolkit for find_package(Torch); none found")
     prefix = torch.utils.cmake_prefix_path
     build = tmp_path / "cmake-build"
     cfg = subprocess.run(
