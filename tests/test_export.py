@@ -290,6 +290,23 @@ def test_onnx_dynamic_batch_and_sidecar(art, vectors):
         assert np.array_equal(ids, want[:b].numpy())
 
 
+@pytest.mark.parametrize("steps", [1, 4])
+def test_torchscript_bf16_golden(workdir, vectors, steps):
+    """Mixed precision (the reference's bf16 autocast) survives tracing: the golden bf16 ids come back."""
+    model = flm_rt.load(TINY / "fmlm.ckpt", device="cpu", dtype="bfloat16")
+    path = EXP.export(model, workdir / f"bf16-n{steps}.pt", format="torchscript", steps=steps)
+    assert EXP.read_sidecar(path)["dtype"] == "bfloat16"
+    ids = torch.jit.load(str(path)).generate(vectors["noises"][:1].contiguous())
+    assert torch.equal(ids, vectors[f"fmlm.bf16autocast.g0.0.steps{steps}.ids"])
+
+
+def test_time_exported(art):
+    r = EXP.time_exported(art.get("torchscript", "fmlm", "generate", 1), batch=2, repeats=2, warmup=1)
+    assert r["format"] == "torchscript" and r["batch"] == 2 and r["median_s"] > 0 and len(r["times_s"]) == 2
+    run = EXP.load_exported(art.get("onnx", "fmlm", "generate", 1))
+    assert tuple(run(torch.randn(1, 2, 32, 1000)).shape) == (2, 32)
+
+
 def test_torchscript_dynamic_batch(art, vectors):
     mod = torch.jit.load(str(art.get("torchscript", "fmlm", "generate", 4, 1.0)))
     want = _golden_ids(vectors, "fmlm", 4, 1.0)
