@@ -367,35 +367,43 @@ def test_argmax_bad_inputs(device):
 # ------------------------------------------------------------------------------------------------------
 # Property tests
 # ------------------------------------------------------------------------------------------------------
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # only the property tests need hypothesis
+    given = settings = st = None
 
-_special = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e4, -1e4, 1e-6, float("inf"), float("-inf"), float("nan")])
-_values = st.one_of(st.floats(-1e4, 1e4, width=32), _special)
+if st is None:
+    @pytest.mark.skip(reason="hypothesis not installed")
+    def test_property_tests_need_hypothesis():
+        pass
 
+if st is not None:
+    _special = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e4, -1e4, 1e-6, float("inf"), float("-inf"), float("nan")])
+    _values = st.one_of(st.floats(-1e4, 1e4, width=32), _special)
 
-@settings(max_examples=80, deadline=None)
-@given(rows=st.integers(1, 6), V=st.integers(1, 70), data=st.data(),
-       dtype=st.sampled_from(FLOATS))
-def test_argmax_property(rows, V, data, dtype):
-    vals = data.draw(st.lists(_values, min_size=rows * V, max_size=rows * V))
-    x = torch.tensor(vals, dtype=torch.float32).reshape(rows, V).to(dtype)
-    assert_argmax_exact(x)
+    @pytest.mark.parametrize("device", DEVICES)
+    @settings(max_examples=80, deadline=None)
+    @given(rows=st.integers(1, 6), V=st.integers(1, 70), data=st.data(),
+           dtype=st.sampled_from(FLOATS))
+    def test_argmax_property(device, rows, V, data, dtype):
+        vals = data.draw(st.lists(_values, min_size=rows * V, max_size=rows * V))
+        x = torch.tensor(vals, dtype=torch.float32).reshape(rows, V).to(dtype).to(device)
+        assert_argmax_exact(x)
 
-
-@settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 8), V=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
-       scale=st.sampled_from([1e-6, 1.0, 10.0, 1e3]), cap=st.sampled_from([30.0, 0.0, 3.0, 80.0]),
-       a=st.floats(-2, 2), b=st.floats(-2, 2), c=st.floats(-2, 2), with_eps=st.booleans(),
-       dtype=st.sampled_from(FLOATS))
-def test_step_property(rows, V, seed, scale, cap, a, b, c, with_eps, dtype):
-    g = _gen(seed)
-    z = torch.randn(rows, V, generator=g)
-    logits = (torch.randn(rows, V, generator=g) * scale).to(dtype)
-    eps = torch.randn(rows, V, generator=g) if with_eps else None
-    torch.testing.assert_close(ext_step(z, logits, a, b, c, eps, cap), ref_step(z, logits, a, b, c, eps, cap),
-                               rtol=RTOL, atol=ATOL)
+    @pytest.mark.parametrize("device", DEVICES)
+    @settings(max_examples=60, deadline=None)
+    @given(rows=st.integers(1, 8), V=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+           scale=st.sampled_from([1e-6, 1.0, 10.0, 1e3]), cap=st.sampled_from([30.0, 0.0, 3.0, 80.0]),
+           a=st.floats(-2, 2), b=st.floats(-2, 2), c=st.floats(-2, 2), with_eps=st.booleans(),
+           dtype=st.sampled_from(FLOATS))
+    def test_step_property(device, rows, V, seed, scale, cap, a, b, c, with_eps, dtype):
+        g = _gen(seed)
+        z = torch.randn(rows, V, generator=g).to(device)
+        logits = (torch.randn(rows, V, generator=g) * scale).to(dtype).to(device)
+        eps = torch.randn(rows, V, generator=g).to(device) if with_eps else None
+        torch.testing.assert_close(ext_step(z, logits, a, b, c, eps, cap), ref_step(z, logits, a, b, c, eps, cap),
+                                   rtol=RTOL, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------------------
