@@ -120,6 +120,26 @@ def load_ar_model(device="cpu", dtype=torch.float32, *, allow_random: bool = Tru
         return _LOADED[key]
     t0 = time.perf_counter()
     notes = []
+    old_tqdm = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's per-tensor progress bar
+    try:
+        model, source, kind = _load(notes, dtype, allow_random)
+    finally:
+        if old_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_tqdm
+    try:
+        model.config._attn_implementation = attn_implementation
+    except Exception:  # noqa: BLE001
+        pass
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    ar = ARModel(model, source, kind, device, dtype, time.perf_counter() - t0, notes)
+    _LOADED[key] = ar
+    return ar
+
+
+def _load(notes: list, dtype: torch.dtype, allow_random: bool):
     model = None
     path = gguf_path()
     if path is None:
@@ -142,14 +162,7 @@ def load_ar_model(device="cpu", dtype=torch.float32, *, allow_random: bool = Tru
         model = _random_llama()
         source = "Llama architecture of SmolLM2-135M (576/30 layers/9 heads/3 KV heads/1536/49152) with RANDOM weights"
         kind = "llama-smollm2-135m-random"
-    try:
-        model.config._attn_implementation = attn_implementation
-    except Exception:  # noqa: BLE001
-        pass
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    ar = ARModel(model, source, kind, device, dtype, time.perf_counter() - t0, notes)
-    _LOADED[key] = ar
-    return ar
+    return model, source, kind
 
 
 def ar_param_count(ar: ARModel) -> int:

@@ -18,7 +18,9 @@ checkpoint, so that the benchmark can compare flm_rt against it on the same weig
 
 It uses none of flm_rt.ops, flm_rt.samplers or flm_rt.model (only the weights of a loaded Model and the float64
 time schedule of flm_rt.schedule, which the reference evaluates once per step with splines), and nothing beyond
-``torch.no_grad``.
+``torch.no_grad``. When ``flm_rt.nvtx`` is enabled (``flm-rt profile --reference``) it marks the same named ranges
+as flm_rt (embedding, block{i}, output_layer; "flow_map_step" = soft-cap + log_softmax + exp + the unfused
+update, "argmax" = soft-cap + log_softmax + exp + argmax at the last step), so the two profiles compare directly.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .. import nvtx
 from ..schedule import alpha_of_gamma, gamma_of_alpha
 
 __all__ = ["ReferenceDenoiser", "reference_generate", "draws_needed"]
@@ -109,12 +112,13 @@ class ReferenceDenoiser:
         return F.linear(x, w["output_layer.linear.weight"], w["output_layer.linear.bias"])
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with nvtx.range("embedding"), torch.autocast(device_type=x.device.type, enabled=False):
             h = x @ self.w["vocab_embed.embedding"]  # fp32 embedding of the dense V-space state
-        c = self._timestep_embedding(t, "sigma_map")
-        if self.two_time:
-            c = c + self._timestep_embedding(t_prime, "sigma_map_prime")
-        c = F.silu(c)
+        with nvtx.range("conditioning"):
+            c = self._timestep_embedding(t, "sigma_map")
+            if self.two_time:
+                c = c + self._timestep_embedding(t_prime, "sigma_map_prime")
+            c = F.silu(c)
         seq = h.shape[1]
         inv_freq = self.w.get("rotary_emb.inv_freq")
         if inv_freq is None:
@@ -125,8 +129,10 @@ class ReferenceDenoiser:
         with torch.autocast(device_type=h.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             for i in range(self.n_blocks):
-                h = self._block(i, h, c, cos, sin)
-            return self._output_layer(h, c)
+                with nvtx.range(f"block{i}"):
+                    h = self._block(i, h, c, cos, sin)
+            with nvtx.range("output_layer"):
+                return self._output_layer(h, c)
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -203,19 +209,23 @@ def reference_generate(model, noise: Union[torch.Tensor, torch.Generator], steps
                 sig_tilde = sig * math.sqrt(1.0 - s ** 2)
                 g_tilde = 1.0 - sig_tilde
                 t_tilde = torch.full((b,), float(alpha_of_gamma(g_tilde, k)), device=dev)
-                probs = _process_logits(net(z, t, t_tilde))
+                logits = net(z, t, t_tilde)
                 if i == steps - 1:
-                    z = probs
-                    break
-                z_tilde = (1 - g_tilde) / (1 - g_i) * z + (g_tilde - g_i) / (1 - g_i) * probs
-                z = z_tilde + (sig_tilde - sig) * probs
-                if s > 0:
-                    z = z + s * sig * draw(used)
-                    used += 1
+                    with nvtx.range("argmax"):
+                        return _process_logits(logits).argmax(dim=-1)  # z_n = D; argmax over it
+                with nvtx.range("flow_map_step"):
+                    probs = _process_logits(logits)
+                    z_tilde = (1 - g_tilde) / (1 - g_i) * z + (g_tilde - g_i) / (1 - g_i) * probs
+                    z = z_tilde + (sig_tilde - sig) * probs
+                    if s > 0:
+                        z = z + s * sig * draw(used)
+                        used += 1
             else:
-                probs = _process_logits(net(z, t))
+                logits = net(z, t)
                 if i == steps - 1:
-                    z = probs
-                    break
-                z = z + (g_next - g_i) * (probs - z) / (1 - g_i + 1e-5)
-        return z.argmax(dim=-1)
+                    with nvtx.range("argmax"):
+                        return _process_logits(logits).argmax(dim=-1)
+                with nvtx.range("flow_map_step"):
+                    probs = _process_logits(logits)
+                    z = z + (g_next - g_i) * (probs - z) / (1 - g_i + 1e-5)
+        raise AssertionError("unreachable: the last step returns")
