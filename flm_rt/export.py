@@ -501,7 +501,7 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
         except Exception as e:  # the exporters raise many types; name the stage and keep the cause
             raise ExportError(f"{format} export of the {what} graph failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-        info["export_s"] = round(time.perf_counter() - t0, 3) if "export_s" not in info else info["export_s"]
+        info["total_s"] = round(time.perf_counter() - t0, 3)
         meta = _sidecar(format=format, what=what, cfg=cfg, plan=plan, steps=steps, stochasticity=stochasticity,
                         batch=batch, length=length, dtype=dt, self_noise=self_noise,
                         opset=info.get("opset"), attention=("onnx-attention-softcap" if use_attention
