@@ -7,7 +7,6 @@ from flm_rt.model import softcap_logits
 
 FMLM_CASES = [(s, n) for s in (0.0, 0.8, 1.0) for n in (1, 2, 4, 8)]
 FLM_CASES = [1, 4, 16, 64]
-SOURCES = ["fmlm.ckpt", "fmlm-hub", "converted"]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,11 @@ def models(golden_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("source", ["ckpt", "hub", "converted"])
-@pytest.mark.parametrize("kernels", ["torch", "auto"])
+# compiled and reference ops on the .ckpt; the compiled path (the default) on the other two sources
+SOURCE_KERNELS = [("ckpt", "torch"), ("ckpt", "auto"), ("hub", "auto"), ("converted", "auto")]
+
+
+@pytest.mark.parametrize("source,kernels", SOURCE_KERNELS)
 @pytest.mark.parametrize("s,steps", FMLM_CASES)
 def test_fmlm_ids(models, vectors, golden_meta, source, kernels, s, steps):
     model = models["fmlm"][source]
@@ -39,8 +41,7 @@ def test_fmlm_ids(models, vectors, golden_meta, source, kernels, s, steps):
         flm_rt.generate(model, steps=steps, stochasticity=s, noise=vectors["noises"][: used - 1])
 
 
-@pytest.mark.parametrize("source", ["ckpt", "hub", "converted"])
-@pytest.mark.parametrize("kernels", ["torch", "auto"])
+@pytest.mark.parametrize("source,kernels", SOURCE_KERNELS)
 @pytest.mark.parametrize("steps", FLM_CASES)
 def test_flm_ids(models, vectors, source, kernels, steps):
     gen = flm_rt.generate(models["flm"][source], steps=steps, noise=vectors["noises"], kernels=kernels)
