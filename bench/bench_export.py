@@ -1,4 +1,5 @@
-"""Exported generate graphs on the tiny golden FMLM model: ONNX Runtime vs TorchScript vs AOTInductor vs eager.
+"""Exported generate graphs on the tiny golden FMLM model: ONNX Runtime vs TorchScript vs AOTInductor vs eager
+(``flm_rt.generate`` with its default kernels).
 
     pytest bench/bench_export.py --benchmark-only            # all rows, timed (AOTI compile: ~20-60 s on 2 cores)
     pytest bench/bench_export.py --benchmark-disable         # smoke (CI): ONNX + TorchScript + eager, run once;
@@ -83,7 +84,7 @@ def test_bench_exported_generate(benchmark, request, exported, export_model, run
     noise = torch.randn(1, 3, cfg.length, cfg.vocab_size, generator=torch.Generator().manual_seed(0))
     if runtime == "eager":
         def run():
-            return flm_rt.generate(export_model, steps=1, noise=noise, decode=False, kernels="torch").token_ids
+            return flm_rt.generate(export_model, steps=1, noise=noise, decode=False).token_ids
         export_s = 0.0
     else:
         path, export_s = exported(FORMAT_OF[runtime])
@@ -107,15 +108,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--formats", default="onnx,torchscript,aoti")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads for torch and ONNX Runtime (default 1: on a busy 2-core machine two "
+                        "OpenMP threads stall for 100s of ms whenever one is descheduled)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     model = _model()
     with tempfile.TemporaryDirectory() as d:
         arts = export_all(model, Path(d), args.formats.split(","), steps=args.steps, batch=args.batch)
         print(f"| runtime | export s | median ms | min ms | tokens/s |  (tiny FMLM, steps={args.steps}, "
-              f"batch={args.batch}, torch threads={torch.get_num_threads()})")
+              f"batch={args.batch}, threads={args.threads})")
         print("|---|---:|---:|---:|---:|")
         for fmt, (path, export_s) in arts.items():
-            r = time_exported(path, batch=args.batch, repeats=args.repeats)
+            r = time_exported(path, batch=args.batch, repeats=args.repeats, threads=args.threads)
             print(f"| {fmt} | {export_s:.1f} | {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f} | "
                   f"{r['tokens_per_s']:,.0f} |")
     return 0

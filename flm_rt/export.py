@@ -346,6 +346,21 @@ def _sidecar(*, format, what, cfg, plan, steps, stochasticity, batch, length, dt
     return d
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names):
+    """The exporters log harmless notes at WARNING (missing torchvision ops, optimizer skips): keep ERRORs only."""
+    import logging
+
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 # ------------------------------------------------------------------------------------------------ exporters
 def _export_onnx(module, example, input_names, output_names, dynamic_shapes, out_file, opset, use_attention,
                  head_dim, param_bytes) -> dict:
@@ -357,7 +372,7 @@ def _export_onnx(module, example, input_names, output_names, dynamic_shapes, out
     if use_attention:
         table = {_softcap_attention_op()._opoverload: _onnx_attention_translation(head_dim)}
     external = param_bytes > ONNX_EXTERNAL_DATA_BYTES
-    with _patched_attention(use_attention), warnings.catch_warnings():
+    with _patched_attention(use_attention), warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript"):
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             module, example, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
