@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from ._ext import build_info  # noqa: E402  (loads the compiled ops, or says why not, once)
 from . import ops  # noqa: E402
 from .api import Generation, Model, convert, generate, load, random_model  # noqa: E402
+from .export import ExportError, export  # noqa: E402  (the function; the module stays flm_rt.export in sys.modules)
 from .errors import (  # noqa: E402
     CheckpointError, ConfigError, DeviceError, FlmError, GenerationError, NonFiniteWeightsError, TokenizerError,
     UnsafeCheckpointError,
@@ -17,7 +18,8 @@ from .errors import (  # noqa: E402
 from .model import ModelConfig  # noqa: E402
 
 __all__ = [
-    "__version__", "build_info", "ops", "load", "generate", "convert", "random_model", "Model", "ModelConfig",
+    "__version__", "build_info", "ops", "load", "generate", "convert", "export", "random_model", "Model",
+    "ModelConfig", "ExportError",
     "Generation", "FlmError", "CheckpointError", "UnsafeCheckpointError", "NonFiniteWeightsError", "ConfigError",
     "GenerationError", "DeviceError", "TokenizerError",
 ]
