@@ -54,16 +54,20 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
 
 
 def speedups(results: Sequence) -> list:
-    """Per (shape, steps, batch): reference / flm_rt and, for steps = 1, autoregressive / flm_rt."""
+    """Per (shape, steps, batch) and row other than the reference: reference time / row time, and
+    autoregressive time (same number of tokens) / row time."""
     rows = [_row_dict(r) for r in results if _row_dict(r)["status"] == "ok"]
     by = {(r["shape"], r["row"], r.get("steps"), r["batch"]): r for r in rows}
     out = []
-    for (shape, row, steps, b), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2] or 0)):
-        if row != "flm_rt":
+    order = {"flm_rt": 0, "flm_rt[embedding-noise]": 1, "flm_rt[torch-kernels]": 2}
+    keys = sorted(by, key=lambda k: (k[0], k[3], k[2] or 0, order.get(k[1], 3), k[1]))
+    for shape, row, steps, b in keys:
+        if row in ("reference", "autoregressive"):
             continue
+        r = by[(shape, row, steps, b)]
         ref = by.get((shape, "reference", steps, b))
         ar = by.get((shape, "autoregressive", None, b))
-        out.append({"shape": shape, "steps": steps, "batch": b,
+        out.append({"shape": shape, "row": row, "steps": steps, "batch": b,
                     "vs_reference": ref["median_s"] / r["median_s"] if ref else None,
                     "ids_match_reference": r.get("tokens_match_reference"),
                     "vs_autoregressive": ar["median_s"] / r["median_s"] if ar else None})
@@ -74,11 +78,13 @@ def speedup_table(results: Sequence) -> str:
     sp = speedups(results)
     if not sp:
         return ""
-    lines = ["| shape | steps | B | flm_rt speed-up vs reference | ids = reference | flm_rt speed-up vs autoregressive (same number of tokens) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | steps | B | row | speed-up vs reference | ids = reference | "
+             "speed-up vs autoregressive (same number of tokens) |",
+             "|---|---:|---:|---|---:|---:|---:|"]
     for s in sp:
         m = s["ids_match_reference"]
-        lines.append(f"| {s['shape']} | {s['steps']} | {s['batch']} | {_fmt(s['vs_reference'], '.2f')}x | "
+        lines.append(f"| {s['shape']} | {s['steps']} | {s['batch']} | {s['row']} | "
+                     f"{_fmt(s['vs_reference'], '.2f')}{'x' if s['vs_reference'] else ''} | "
                      f"{'-' if m is None else f'{100 * m:.1f}%'} | "
                      f"{_fmt(s['vs_autoregressive'], '.1f')}{'x' if s['vs_autoregressive'] else ''} |")
     return "\n".join(lines) + "\n"
@@ -89,6 +95,7 @@ def _plots(rows: list, out_dir: str, meta: dict) -> list:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     written = []
     ok = [r for r in rows if r["status"] == "ok"]
@@ -109,14 +116,18 @@ def _plots(rows: list, out_dir: str, meta: dict) -> list:
                 if row == "autoregressive":
                     ar = [r for r in sub if r["row"] == row and r["batch"] == b]
                     if ar:
-                        ax.plot(all_steps, [ar[0]["per_token_ms"]] * len(all_steps), "--", color="gray",
-                                label=f"{label} ({ar[0]['seq_len']} tokens, KV cache)")
+                        ax.axhline(ar[0]["per_token_ms"], ls="--", color="gray",
+                                   label=f"{label} ({ar[0]['seq_len']} tokens, KV cache; any steps)")
                 elif pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(all_steps)
         ax.set_xticklabels([str(s) for s in all_steps])
+        if len(all_steps) == 1:
+            ax.set_xlim(all_steps[0] / 1.5, all_steps[0] * 1.5)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("sampling steps (network calls)")
         ax.set_ylabel("ms per generated token (median / (B L))")
         ax.set_title(f"{shape}")
@@ -178,3 +189,10 @@ def write_report(results: Sequence, meta: dict, out_dir: str) -> dict:
         f.write(md)
     plots = _plots(rows, out_dir, meta)
     return {"json": pj, "md": pm, "plots": plots, "markdown": md}
+
+
+def rewrite_from_json(path: str, out_dir: Optional[str] = None) -> dict:
+    """Re-write results.md and the plots from an existing results.json (e.g. after changing the report code)."""
+    with open(path) as f:
+        data = json.load(f)
+    return write_report(data["results"], data["meta"], out_dir or os.path.dirname(os.path.abspath(path)))
