@@ -150,7 +150,10 @@ def profile_generation(model, *, steps=1, num_samples=1, stochasticity=None, seq
 
 
 def cli_profile(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["--"]:  # `flm-rt profile -- --option ...` (the top-level parser's remainder keeps the "--")
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
     import torch
 
     from .api import resolve_device, resolve_dtype

@@ -157,3 +157,14 @@ def test_autoregressive_flop_count():
     non_emb = 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536)
     assert abs(one - 2 * (non_emb + 576 * 49152)) / one < 0.01
     assert ar_flops_per_sample(cfg, 1024) > 1000 * one
+
+
+def test_cli_bench_end_to_end_tiny(tmp_path, capsys):
+    """The `flm-rt bench` entry point (a leading "--" from the top-level parser's remainder is accepted)."""
+    from flm_rt.benchmarks.cli import cli_bench
+
+    rc = cli_bench(["--", "--shapes", "tiny", "--steps", "1", "--batch", "1", "--rows", "reference,flm_rt",
+                    "--repeats", "1", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    assert "| tiny | flm_rt | 1 |" in capsys.readouterr().out
+    assert {"results.json", "results.md", "latency_vs_steps.png"} <= {p.name for p in tmp_path.iterdir()}

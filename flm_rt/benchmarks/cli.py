@@ -117,7 +117,10 @@ def default_out_dir(device) -> str:
 
 
 def cli_bench(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["--"]:  # `flm-rt bench -- --option ...` (the top-level parser's remainder keeps the "--")
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
     from .report import write_report
     from .suite import Suite
 
