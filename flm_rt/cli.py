@@ -176,7 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DELEGATED = {"export": ("flm_rt.export", "cli_export"), "bench": ("flm_rt.benchmarks.cli", "cli_bench"),
+              "profile": ("flm_rt.profiling", "cli_profile")}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:  # their own parsers take every option (argparse REMAINDER would not)
+        import importlib
+
+        module, func = _DELEGATED[argv[0]]
+        try:
+            return getattr(importlib.import_module(module), func)(argv[1:])
+        except FlmError as e:
+            print(f"flm-rt: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -75,3 +75,10 @@ def test_demo_runs(tmp_path):
     out = run("demo", "-n", "1", env={"FLM_RT_DEMO_MODEL": str(tmp_path / "demo")})
     assert out.returncode == 0, out.stderr
     assert "RANDOM weights" in out.stdout and "ms/token" in out.stdout
+
+
+def test_delegated_subcommands_take_options():
+    out = run("bench", "--help")
+    assert out.returncode == 0 and "--quick" in out.stdout, out.stderr
+    out = run("export", "--help")
+    assert out.returncode == 0 and "--format" in out.stdout, out.stderr
