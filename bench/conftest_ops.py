@@ -7,13 +7,13 @@ Fixture names start with ``ops_`` to stay clear of the other benchmark fixtures.
 from __future__ import annotations
 
 import os
-import platform
-import re
 import time
 from typing import Callable
 
 import pytest
 import torch
+
+from flm_rt.benchmarks.suite import cpu_name, device_slug
 
 # (rows = B*L, V): the sampler's workload per step for a batch of sequences, LM1B and OWT vocabularies.
 FULL_ROWS = (1024, 8192, 65536)
@@ -33,27 +33,12 @@ def is_smoke(config) -> bool:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    name = cpu_name().split(" (")[0]
     return f"{name} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
 
 
-def device_tag(device: torch.device) -> str:
-    """Directory name under bench/results: cpu-<short cpu name> or cuda-<short gpu name>."""
-    if device.type == "cuda":
-        raw = torch.cuda.get_device_name(device)
-    else:
-        raw = device_name(device).split(" (")[0]
-    short = re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
-    short = re.sub(r"-(r|tm|cpu|processor|with-radeon.*|\d+-core)\b", "", short).strip("-")
-    return f"{device.type}-{short or 'unknown'}"
+# Results folder name (cpu-<short cpu name> / cuda-<short gpu name>): the one the generation benchmarks use.
+device_tag = device_slug
 
 
 def sync(device: torch.device) -> None:
