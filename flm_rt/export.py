@@ -122,7 +122,8 @@ class GenerateGraph(nn.Module):
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
         from . import ops
-        from .model import LOGIT_SOFTCAP, softcap_logits
+        from .model import LOGIT_SOFTCAP
+        from .samplers import output_ids
 
         noise = self._draws(noise)
         z = noise[0]
@@ -132,8 +133,7 @@ class GenerateGraph(nn.Module):
             tp = None if st.t_prime is None else torch.full_like(z[:, 0, 0], st.t_prime)
             logits = self.denoiser(z, t, tp)
             if st.last:
-                ids, _ = ops.vocab_argmax(softcap_logits(logits, LOGIT_SOFTCAP), backend="torch")
-                return ids.to(torch.int64)
+                return output_ids(logits, kernels="torch").to(torch.int64)
             coef = getattr(self, f"coef{i}")
             eps = None
             if st.uses_draw:

@@ -10,8 +10,7 @@ g~ = 1 - sig~): expanding z~ = (1-g~)/(1-g_i) z_i + (g~-g_i)/(1-g_i) D and z_{i+
 gives a = (1-g~)/(1-g_i), b = (g~-g_i)/(1-g_i) + (sig~-sig), c = s sig. The network is called at
 (tau_i, alpha(g~)).
 FLM, step i < n-1: h = (g_{i+1}-g_i)/(1-g_i+1e-5), a = 1-h, b = h, c = 0; the network is called at tau_i.
-The last step of either sampler sets z_n = D, whose argmax over V is the output; it is taken over the
-soft-capped fp32 (or bf16) logits, which orders tokens exactly as the probabilities do.
+The last step of either sampler sets z_n = D, whose argmax over V is the output (see ``output_ids``).
 
 Gaussian draws are consumed in SPEC order: z_0, then eps_0, eps_1, ... only for steps with c != 0.
 """
@@ -81,6 +80,21 @@ def draws_needed(plan: Sequence[SamplerStep]) -> int:
     return 1 + sum(st.uses_draw for st in plan)
 
 
+def output_ids(logits: torch.Tensor, *, kernels: Optional[str] = None) -> torch.Tensor:
+    """argmax_v of the last step's D = P(logits): token ids [B, L] (int64). Overwrites ``logits``.
+
+    The 30-soft-cap is strictly increasing, so mathematically its argmax is the raw logits' argmax (SPEC 2.6).
+    fp32 logits: the argmax is taken over them directly, which skips a tanh pass over [B, L, V] and the ties that
+    rounding tanh to fp32 would add (the SPEC allows a runtime to be more precise than the reference here).
+    bf16/fp16 logits: they are capped first (in place), as the reference does at that precision, so that its
+    ties, frequent in 8 mantissa bits, resolve the same way (first index).
+    """
+    if logits.dtype != torch.float32:
+        logits = softcap_logits(logits, LOGIT_SOFTCAP, inplace=True)
+    ids, _ = ops.vocab_argmax(logits, backend=kernels)
+    return ids
+
+
 SPACES = ("vocab", "embedding")
 
 
@@ -115,7 +129,7 @@ def run_plan(
         logits = forward(x, t, tp)
         if st.last:
             with nvtx.range("argmax"):
-                ids, _ = ops.vocab_argmax(softcap_logits(logits, LOGIT_SOFTCAP), backend=kernels)
+                ids = output_ids(logits, kernels=kernels)
             if on_step is not None:
                 on_step(i)
             return ids

@@ -41,6 +41,19 @@ def test_fmlm_ids(models, vectors, golden_meta, source, kernels, s, steps):
         flm_rt.generate(model, steps=steps, stochasticity=s, noise=vectors["noises"][: used - 1])
 
 
+@pytest.mark.parametrize("s,steps", FMLM_CASES)
+def test_fmlm_ids_with_plain_gemms(models, vectors, s, steps):
+    """The same ids with flm_rt.prepack off (F.linear everywhere), the path every non-CPU device takes."""
+    from flm_rt import prepack
+
+    prepack.set_enabled(False)
+    try:
+        gen = flm_rt.generate(models["fmlm"]["ckpt"], steps=steps, stochasticity=s, noise=vectors["noises"])
+    finally:
+        prepack._ENABLED = None
+    assert torch.equal(gen.token_ids, vectors[f"fmlm.fp32.g{s}.steps{steps}.ids"])
+
+
 @pytest.mark.parametrize("source,kernels", SOURCE_KERNELS)
 @pytest.mark.parametrize("steps", FLM_CASES)
 def test_flm_ids(models, vectors, source, kernels, steps):

@@ -1,0 +1,167 @@
+"""flm_rt.prepack: the prepacked oneDNN GEMM computes F.linear (rel. 1e-5), follows weight changes, and steps
+aside wherever it does not apply; and the sampler's final argmax rule (flm_rt.samplers.output_ids)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flm_rt
+from flm_rt import prepack
+from flm_rt.model import ModelConfig, softcap_logits
+from flm_rt.samplers import output_ids
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def prepack_state():
+    """Restore the process-wide switch after a test that changes it."""
+    yield
+    prepack._ENABLED = None
+    prepack.clear_cache()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _data(shape, dist, gen):
+    x = torch.randn(shape, generator=gen)
+    if dist == "uniform":
+        x = torch.rand(shape, generator=gen) * 4 - 2
+    elif dist == "heavy":  # a few large entries among small ones
+        x = x * (1 + 50 * (torch.rand(shape, generator=gen) > 0.99))
+    return x
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 8, 8), (7, 64, 200), (128, 768, 2304), (96, 33, 1000)])
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize("dist", ["normal", "uniform", "heavy"])
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+def test_linear_matches_f_linear(m, k, n, lead, dist, activation):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = _data((*lead, m, k), dist, g)
+    w = _data((n, k), dist, g) / k**0.5
+    b = torch.randn(n, generator=g)
+    want = F.linear(x, w, b)
+    if activation == "gelu_tanh":
+        want = F.gelu(want, approximate="tanh")
+    with torch.inference_mode():
+        got = prepack.linear(x, w, b, activation=activation)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("v,d", [(1000, 64), (30, 768)])
+def test_transposed_weight_is_the_embedding_product(v, d):
+    g = torch.Generator().manual_seed(v)
+    x = torch.softmax(torch.randn(2, 16, v, generator=g), -1)
+    e = torch.randn(v, d, generator=g)
+    with torch.no_grad():
+        got = prepack.linear(x, e, transposed=True)
+    assert _rel(got, x @ e) < 1e-5
+    assert prepack._CACHE, "the prepacked path did not run"
+
+
+def test_noncontiguous_input():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, 64, generator=g).transpose(0, 1)
+    w = torch.randn(128, 64, generator=g)
+    with torch.no_grad():
+        assert _rel(prepack.linear(x, w), F.linear(x, w)) < 1e-5
+
+
+def test_cache_follows_in_place_changes_and_reloads():
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(64, 96)
+    x = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        first = prepack.linear(x, lin.weight, lin.bias)
+        lin.weight.mul_(-2.0)  # in place: the packed copy must be refreshed
+        second = prepack.linear(x, lin.weight, lin.bias)
+        assert _rel(second, F.linear(x, lin.weight, lin.bias)) < 1e-5
+        assert not torch.allclose(first, second)
+        lin.load_state_dict({"weight": torch.randn(96, 64, generator=g), "bias": lin.bias.clone()})
+        assert _rel(prepack.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias)) < 1e-5
+
+
+def test_cache_entry_dies_with_its_weight():
+    w = torch.randn(32, 16)
+    with torch.no_grad():
+        prepack.linear(torch.randn(4, 16), w)
+    wid = id(w)
+    assert wid in prepack._CACHE
+    del w
+    assert wid not in prepack._CACHE
+
+
+def test_steps_aside_for_autograd_autocast_and_other_dtypes():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 32, generator=g, requires_grad=True)
+    x = torch.randn(6, 32, generator=g)
+    y = prepack.linear(x, w)
+    assert y.requires_grad and y.grad_fn is not None  # F.linear path, differentiable
+    y.sum().backward()
+    assert torch.allclose(w.grad, x.sum(0).expand(48, 32))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert prepack.linear(x, w.detach()).dtype == torch.bfloat16  # autocast decides, as for F.linear
+    with torch.no_grad():
+        xd, wd = x.double(), w.detach().double()
+        assert torch.equal(prepack.linear(xd, wd), F.linear(xd, wd))
+
+
+def test_switch_off_and_env(prepack_state, monkeypatch):
+    w, x = torch.randn(24, 8), torch.randn(3, 8)
+    prepack.set_enabled(False)
+    assert not prepack.is_enabled()
+    with torch.no_grad():
+        assert torch.equal(prepack.linear(x, w), F.linear(x, w))
+    assert not prepack._CACHE
+    prepack._ENABLED = None
+    monkeypatch.setenv("FLM_RT_PREPACK", "0")
+    assert not prepack.is_enabled()
+    prepack._ENABLED = None
+    monkeypatch.setenv("FLM_RT_PREPACK", "maybe")
+    with pytest.raises(ValueError, match="FLM_RT_PREPACK"):
+        prepack.is_enabled()
+
+
+def test_bad_activation():
+    with pytest.raises(ValueError, match="activation"):
+        prepack.linear(torch.randn(2, 4), torch.randn(3, 4), activation="relu")
+
+
+def test_denoiser_with_and_without_prepacking(prepack_state):
+    cfg = ModelConfig(vocab_size=500, length=24, hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32)
+    model = flm_rt.random_model(cfg, seed=5, output_scale=8.0)
+    noise = torch.randn(1, 3, 24, 500, generator=torch.Generator().manual_seed(6))
+    t, tp = torch.zeros(3), torch.ones(3)
+    with torch.inference_mode():
+        on = model.denoiser(noise[0], t, tp)
+        assert prepack._CACHE, "the prepacked path did not run"
+        ids_on = flm_rt.generate(model, noise=noise, steps=2).token_ids
+        prepack.set_enabled(False)
+        off = model.denoiser(noise[0], t, tp)
+    ids_off = flm_rt.generate(model, noise=noise, steps=2).token_ids
+    assert _rel(on, off) < 1e-5
+    assert torch.equal(ids_on, ids_off)
+
+
+# --- the final argmax rule -------------------------------------------------------------------------------
+def test_output_ids_fp32_takes_the_raw_argmax_and_keeps_nan_and_first_index_rules():
+    z = torch.randn(2, 5, 300, generator=torch.Generator().manual_seed(7)) * 10
+    z[0, 0, 17] = z[0, 0, 230] = 1e3  # exact tie: the first index, as torch.argmax
+    z[0, 1, 40] = 290.0
+    z[0, 1, 41] = 300.0  # both cap to exactly 30.0 in fp32; the raw value orders them
+    z[1, 2, 99] = float("nan")  # NaN wins, as in torch.argmax
+    assert softcap_logits(z)[0, 1, 40] == softcap_logits(z)[0, 1, 41]
+    want = z.argmax(-1)
+    got = output_ids(z.clone())
+    assert torch.equal(got, want)
+    assert got[0, 0] == 17 and got[0, 1] == 41 and got[1, 2] == 99
+
+
+def test_output_ids_low_precision_caps_first():
+    z = torch.randn(3, 4, 257, generator=torch.Generator().manual_seed(8)).mul(40).to(torch.bfloat16)
+    want = softcap_logits(z).argmax(-1)
+    assert torch.equal(output_ids(z.clone()), want)
+    assert not torch.equal(want, z.argmax(-1)), "the data should contain ties the cap creates in bf16"
