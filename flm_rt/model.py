@@ -93,7 +93,7 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Halves convention: x = [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]. x [B, H, L, d], cos/sin [L, d/2]."""
+    """Halves convention: x = [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]. x [..., L, d], cos/sin [L, d/2]."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -120,7 +120,8 @@ def _fp32(fn, like: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift, as one pass over x."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -156,13 +157,12 @@ class Block(nn.Module):
 
         a = modulate(self.norm1(x), shift1, scale1)
         qkv = _linear(self.attn_qkv, a).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = softcapped_attention(q, k, v).transpose(1, 2).reshape(b, l, d)
-        x = x + gate1 * _linear(self.attn_out, o)
+        qk = apply_rotary(qkv[:2], cos, sin)  # q and k together
+        o = softcapped_attention(qk[0], qk[1], qkv[2]).transpose(1, 2).reshape(b, l, d)
+        x = torch.addcmul(x, gate1, _linear(self.attn_out, o))  # x + gate1 * attn_out(o)
 
         m = modulate(self.norm2(x), shift2, scale2)
-        return x + gate2 * _linear(self.mlp[2], _linear(self.mlp[0], m, activation="gelu_tanh"))
+        return torch.addcmul(x, gate2, _linear(self.mlp[2], _linear(self.mlp[0], m, activation="gelu_tanh")))
 
 
 class OutputLayer(nn.Module):
