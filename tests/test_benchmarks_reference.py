@@ -130,6 +130,19 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     assert "| tiny | flm_rt | 1 |" in written["markdown"]
     assert not (tmp_path / "throughput_vs_batch.png").exists()  # one batch size only
 
+    # Each run appends one line to history.jsonl; results.md lists the runs; a rewrite does not append.
+    from flm_rt.benchmarks.report import read_history, rewrite_from_json
+
+    again = write_report(results, dict(suite.meta, git_commit="abcdef0123"), str(tmp_path))
+    hist = read_history(str(tmp_path))
+    assert len(hist) == 2 and hist[1]["git_commit"] == "abcdef0123"
+    case = next(c for c in hist[0]["cases"] if (c["row"], c["steps"]) == ("flm_rt", 1))
+    ref = next(c for c in hist[0]["cases"] if (c["row"], c["steps"]) == ("reference", 1))
+    assert case["vs_reference"] == pytest.approx(ref["median_ms"] / case["median_ms"], rel=1e-3)
+    assert "| abcdef0 | " in again["markdown"] and "Earlier runs" in again["markdown"]
+    rewrite_from_json(str(tmp_path / "results.json"))
+    assert len(read_history(str(tmp_path))) == 2
+
 
 def test_cli_bench_parses_quick_subset():
     from flm_rt.benchmarks.cli import build_parser, settings_from_args

@@ -168,10 +168,59 @@ def _plots(rows: list, out_dir: str, meta: dict) -> list:
     return written
 
 
-def write_report(results: Sequence, meta: dict, out_dir: str) -> dict:
-    """Write the files into ``out_dir`` (created). Returns {"json", "md", "plots": [...], "markdown": str}."""
+HISTORY = "history.jsonl"
+
+
+def history_entry(rows: Sequence, meta: dict) -> dict:
+    """One run in a line: when, which commit, and every case's median beside its speed-ups."""
+    sp = {(s["shape"], s["row"], s["steps"], s["batch"]): s for s in speedups(rows)}
+    cases = []
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        s = sp.get((r["shape"], r["row"], r.get("steps"), r["batch"]), {})
+        cases.append({"shape": r["shape"], "row": r["row"], "steps": r.get("steps"), "batch": r["batch"],
+                      "median_ms": round(r["median_s"] * 1e3, 3), "per_token_ms": r.get("per_token_ms"),
+                      "vs_reference": s.get("vs_reference"), "vs_autoregressive": s.get("vs_autoregressive")})
+    return {"date_utc": meta.get("date_utc"), "git_commit": meta.get("git_commit"), "dtype": meta.get("dtype"),
+            "threads": meta.get("threads"), "loadavg_start": meta.get("loadavg_start"), "cases": cases}
+
+
+def read_history(out_dir: str) -> list:
+    path = os.path.join(out_dir, HISTORY)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def history_table(history: Sequence, max_runs: int = 12) -> str:
+    """flm_rt against the reference (and the autoregressive baseline) at 1 step, batch 1, run by run."""
+    lines = ["| date (UTC) | commit | threads | shape | flm_rt ms | reference ms | speed-up vs reference | "
+             "speed-up vs autoregressive |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for run in list(history)[-max_runs:]:
+        by = {(c["shape"], c["row"], c["steps"], c["batch"]): c for c in run["cases"]}
+        for shape in sorted({c["shape"] for c in run["cases"]}):
+            f, ref = by.get((shape, "flm_rt", 1, 1)), by.get((shape, "reference", 1, 1))
+            if f is None:
+                continue
+            lines.append(f"| {(run.get('date_utc') or '')[:16]} | {(run.get('git_commit') or '-')[:7]} | "
+                         f"{run.get('threads', '-')} | {shape} | "
+                         f"{f['median_ms']:.1f} | {_fmt(ref and ref['median_ms'], '.1f')} | "
+                         f"{_fmt(f.get('vs_reference'), '.2f')} | {_fmt(f.get('vs_autoregressive'), '.1f')} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def write_report(results: Sequence, meta: dict, out_dir: str, *, record_history: bool = True) -> dict:
+    """Write the files into ``out_dir`` (created). Returns {"json", "md", "plots": [...], "markdown": str}.
+
+    ``record_history``: also append this run to ``history.jsonl`` there (results.md shows the last runs), so
+    that a regression shows up beside the figures it replaces."""
     os.makedirs(out_dir, exist_ok=True)
     rows = [_row_dict(r) for r in results]
+    if record_history:
+        with open(os.path.join(out_dir, HISTORY), "a") as f:
+            f.write(json.dumps(history_entry(rows, meta), default=str) + "\n")
     sp = speedups(rows)
     pj = os.path.join(out_dir, "results.json")
     with open(pj, "w") as f:
@@ -184,6 +233,9 @@ def write_report(results: Sequence, meta: dict, out_dir: str) -> dict:
     md += ("\nms/token = median latency / (B x L). GFLOP/sample counts the matmuls (dense V-space embedding, blocks, "
            "attention, output projection) for all steps; state updates are memory-bound and not counted. "
            "Raw numbers, timings and notes: results.json.\n")
+    ht = history_table(read_history(out_dir))
+    if ht:
+        md += "\n## Earlier runs in this folder (1 step, batch 1; history.jsonl)\n\n" + ht
     pm = os.path.join(out_dir, "results.md")
     with open(pm, "w") as f:
         f.write(md)
@@ -195,4 +247,5 @@ def rewrite_from_json(path: str, out_dir: Optional[str] = None) -> dict:
     """Re-write results.md and the plots from an existing results.json (e.g. after changing the report code)."""
     with open(path) as f:
         data = json.load(f)
-    return write_report(data["results"], data["meta"], out_dir or os.path.dirname(os.path.abspath(path)))
+    return write_report(data["results"], data["meta"], out_dir or os.path.dirname(os.path.abspath(path)),
+                        record_history=False)
