@@ -153,7 +153,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, l, d = x.shape
         h = self.n_heads
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = _linear(self.adaLN_modulation, c)[:, None, :].chunk(6, dim=2)
 
         a = modulate(self.norm1(x), shift1, scale1)
         qkv = _linear(self.attn_qkv, a).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
@@ -173,7 +173,7 @@ class OutputLayer(nn.Module):
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=2)
+        shift, scale = _linear(self.adaLN_modulation, c)[:, None, :].chunk(2, dim=2)
         return _linear(self.linear, modulate(self.norm_final(x), shift, scale))
 
 

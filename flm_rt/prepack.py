@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .ops import _tracing as _ops_tracing
+
 __all__ = ["linear", "set_enabled", "is_enabled", "clear_cache"]
 
 _ENABLED: Optional[bool] = None  # None: read FLM_RT_PREPACK on first use
@@ -51,9 +53,7 @@ def clear_cache() -> None:
 
 
 def _tracing() -> bool:
-    from .ops import _tracing as ops_tracing
-
-    return ops_tracing() or torch.compiler.is_compiling()
+    return _ops_tracing() or torch.compiler.is_compiling()
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
