@@ -124,12 +124,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
-def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention with scores 50 * tanh(q.k / sqrt(d) / 50). q, k, v [B, H, L, d]."""
-    scores = torch.matmul(q, k.transpose(-2, -1))
-    # Scale, tanh and cap in place on the one [B, H, L, L] buffer (at L = 1024 this halves the attention time).
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bidirectional attention with scores 50 * tanh(q.k / sqrt(d) / 50). q, k, v [B, H, L, d].
+
+    ``workspace``: an fp32 [B, H, L, L] buffer for the scores and probabilities (fp32 CPU inference only; see
+    ``Denoiser._body``). Every step then runs in place in it, so no block allocates (and page-faults) a fresh
+    score matrix: at L = 1024 that halves the attention time again."""
+    if workspace is None:
+        scores = torch.matmul(q, k.transpose(-2, -1))
+    else:
+        scores = torch.matmul(q, k.transpose(-2, -1), out=workspace)
+    # Scale, tanh and cap in place on the one [B, H, L, L] buffer.
     scores = scores.mul_(1.0 / (math.sqrt(q.shape[-1]) * ATTN_SOFTCAP)).tanh_().mul_(ATTN_SOFTCAP)
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    if workspace is None:
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    else:
+        probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
     return torch.matmul(probs, v)
 
 
@@ -150,7 +161,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, l, d = x.shape
         h = self.n_heads
         shift1, scale1, gate1, shift2, scale2, gate2 = _linear(self.adaLN_modulation, c)[:, None, :].chunk(6, dim=2)
@@ -158,7 +170,7 @@ class Block(nn.Module):
         a = modulate(self.norm1(x), shift1, scale1)
         qkv = _linear(self.attn_qkv, a).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
         qk = apply_rotary(qkv[:2], cos, sin)  # q and k together
-        o = softcapped_attention(qk[0], qk[1], qkv[2]).transpose(1, 2).reshape(b, l, d)
+        o = softcapped_attention(qk[0], qk[1], qkv[2], workspace).transpose(1, 2).reshape(b, l, d)
         x = torch.addcmul(x, gate1, _linear(self.attn_out, o))  # x + gate1 * attn_out(o)
 
         m = modulate(self.norm2(x), shift2, scale2)
@@ -245,9 +257,16 @@ class Denoiser(nn.Module):
             return self._body(h, c, cos, sin)
 
     def _body(self, h, c, cos, sin):
+        # One attention score buffer for all blocks in fp32 CPU inference, where a fresh [B, H, L, L] matrix per
+        # block costs as much in page faults as the softmax itself (elsewhere the allocator caches, or autograd
+        # or an exporter needs the plain ops).
+        workspace = None
+        if prepack.cpu_fp32_inference(h):
+            b, l = h.shape[:2]
+            workspace = torch.empty((b, self.config.n_heads, l, l), dtype=torch.float32)
         for i, block in enumerate(self.blocks):
             with nvtx.range(f"block{i}"):
-                h = block(h, c, cos, sin)
+                h = block(h, c, cos, sin, workspace)
         with nvtx.range("output_layer"):
             return self.output_layer(h, c)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .ops import _tracing as _ops_tracing
 
-__all__ = ["linear", "set_enabled", "is_enabled", "clear_cache"]
+__all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_inference"]
 
 _ENABLED: Optional[bool] = None  # None: read FLM_RT_PREPACK on first use
 _CACHE: dict = {}  # id(weight) -> (weakref to weight, key, packed); an entry dies with its weight
@@ -56,12 +56,17 @@ def _tracing() -> bool:
     return _ops_tracing() or torch.compiler.is_compiling()
 
 
+def cpu_fp32_inference(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is a dense fp32 CPU tensor, autocast is off, nothing needs gradients and nothing
+    is being traced or exported: where flm_rt may use oneDNN-specific, in-place and ``out=`` fast paths."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.is_mkldnn for t in tensors)
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not _tracing())
+
+
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.dim() >= 2 and weight.dim() == 2
-            and not x.is_mkldnn and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and is_enabled() and not _tracing())
+    return x.dim() >= 2 and weight.dim() == 2 and is_enabled() and cpu_fp32_inference(x, weight)
 
 
 def _packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -165,3 +165,33 @@ def test_output_ids_low_precision_caps_first():
     want = softcap_logits(z).argmax(-1)
     assert torch.equal(output_ids(z.clone()), want)
     assert not torch.equal(want, z.argmax(-1)), "the data should contain ties the cap creates in bf16"
+
+
+# --- the attention score workspace (fp32 CPU inference) ---------------------------------------------------
+@pytest.mark.parametrize("b,h,l,d", [(1, 2, 5, 8), (3, 4, 33, 16), (2, 12, 128, 64)])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])  # 30: scores far beyond the soft-cap's linear range
+def test_attention_workspace_matches_plain_path(b, h, l, d, scale):
+    from flm_rt.model import softcapped_attention
+
+    g = torch.Generator().manual_seed(b * 100 + l)
+    q, k, v = (torch.randn(b, h, l, d, generator=g) * scale for _ in range(3))
+    want = softcapped_attention(q, k, v)
+    ws = torch.full((b, h, l, l), float("nan"))  # poisoned: an element left unwritten would show
+    with torch.inference_mode():
+        got = softcapped_attention(q, k, v, ws)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert torch.allclose(ws.sum(-1), torch.ones(b, h, l), atol=1e-5)  # the buffer ends holding probabilities
+
+
+def test_denoiser_inference_paths_match_the_autograd_path():
+    """The workspace and prepacked GEMMs (inference) against the plain ops (taken when gradients are needed)."""
+    cfg = ModelConfig(vocab_size=300, length=40, hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32)
+    model = flm_rt.random_model(cfg, seed=9, output_scale=8.0)
+    x = torch.randn(2, 40, 300, generator=torch.Generator().manual_seed(10))
+    t, tp = torch.full((2,), 0.25), torch.full((2,), 0.75)
+    with torch.inference_mode():
+        fast = model.denoiser(x, t, tp)
+    plain = model.denoiser(x.clone().requires_grad_(True), t, tp)
+    assert plain.requires_grad
+    assert _rel(fast, plain.detach()) < 1e-5
