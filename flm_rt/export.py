@@ -232,7 +232,11 @@ def _patched_attention(enabled: bool):
 
     op = _softcap_attention_op()
     saved = model_mod.softcapped_attention
-    model_mod.softcapped_attention = op
+
+    def attention(q, k, v, workspace=None):  # no workspace while exporting (flm_rt.prepack.cpu_fp32_inference)
+        return op(q, k, v)
+
+    model_mod.softcapped_attention = attention
     try:
         yield
     finally:
