@@ -45,7 +45,22 @@ def is_enabled() -> bool:
         if v not in ("0", "1", "false", "true", "off", "on", ""):
             raise ValueError(f"flm_rt: FLM_RT_PREPACK must be 0 or 1, got {v!r}")
         _ENABLED = v not in ("0", "false", "off")
-    return _ENABLED and torch.backends.mkldnn.is_available()
+    return _ENABLED and _HAVE_ONEDNN_LINEAR
+
+
+def _have_onednn_linear() -> bool:
+    """torch built with oneDNN and registering the two ops used here (some builds, e.g. for other CPU
+    architectures, may lack them)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return all(hasattr(torch.ops.mkldnn, op) and callable(getattr(torch.ops.mkldnn, op))
+                   for op in ("_reorder_linear_weight", "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_HAVE_ONEDNN_LINEAR = _have_onednn_linear()
 
 
 def clear_cache() -> None:

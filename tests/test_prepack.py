@@ -195,3 +195,12 @@ def test_denoiser_inference_paths_match_the_autograd_path():
     plain = model.denoiser(x.clone().requires_grad_(True), t, tp)
     assert plain.requires_grad
     assert _rel(fast, plain.detach()) < 1e-5
+
+
+def test_torch_without_the_onednn_ops_falls_back(prepack_state, monkeypatch):
+    monkeypatch.setattr(prepack, "_HAVE_ONEDNN_LINEAR", False)
+    assert not prepack.is_enabled()
+    w, x = torch.randn(16, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(prepack.linear(x, w, activation="gelu_tanh"), F.gelu(F.linear(x, w), approximate="tanh"))
+    assert not prepack._CACHE
