@@ -144,9 +144,9 @@ def run_plan(
                 step = ops.flow_map_step_ if i > 0 else ops.flow_map_step
                 x = step(x, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
             else:
-                p = torch.softmax(softcap_logits(logits.float(), LOGIT_SOFTCAP), dim=-1)
-                x = torch.addmm((st.a * x).flatten(0, 1), p.flatten(0, 1), denoiser.vocab_embed.embedding.float(),
-                                alpha=st.b).view_as(x)
+                p = torch.softmax(softcap_logits(logits.float(), LOGIT_SOFTCAP, inplace=True), dim=-1)
+                # P @ E through the network's own embedding product (fp32; prepacked on CPU)
+                x = torch.add(st.a * x, denoiser.vocab_embed(p), alpha=st.b)
                 if eps is not None:
                     x = x + st.c * eps
         if on_step is not None:
