@@ -108,7 +108,7 @@ class LayerNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fp32(lambda: F.layer_norm(x.float(), [self.dim], eps=1e-5), x) * self.weight[None, None, :]
+        return _fp32(lambda: F.layer_norm(x.float(), [self.dim], weight=self.weight.float(), eps=1e-5), x)
 
 
 def _fp32(fn, like: torch.Tensor) -> torch.Tensor:
