@@ -131,10 +131,7 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``workspace``: an fp32 [B, H, L, L] buffer for the scores and probabilities (fp32 CPU inference only; see
     ``Denoiser._body``). Every step then runs in place in it, so no block allocates (and page-faults) a fresh
     score matrix: at L = 1024 that halves the attention time again."""
-    if workspace is None:
-        scores = torch.matmul(q, k.transpose(-2, -1))
-    else:
-        scores = torch.matmul(q, k.transpose(-2, -1), out=workspace)
+    scores = torch.matmul(q, k.transpose(-2, -1), out=workspace)
     # Scale, tanh and cap in place on the one [B, H, L, L] buffer.
     scores = scores.mul_(1.0 / (math.sqrt(q.shape[-1]) * ATTN_SOFTCAP)).tanh_().mul_(ATTN_SOFTCAP)
     if workspace is None:
@@ -158,6 +155,8 @@ class Block(nn.Module):
         self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
         self.norm2 = LayerNorm(d)
+        # Called as mlp[2](gelu(mlp[0](m))) with the GELU fused into mlp[0]'s GEMM; the Sequential keeps the
+        # published key names (mlp.0.*, mlp.2.*).
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
 

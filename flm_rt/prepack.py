@@ -48,19 +48,9 @@ def is_enabled() -> bool:
     return _ENABLED and _HAVE_ONEDNN_LINEAR
 
 
-def _have_onednn_linear() -> bool:
-    """torch built with oneDNN and registering the two ops used here (some builds, e.g. for other CPU
-    architectures, may lack them)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return all(hasattr(torch.ops.mkldnn, op) and callable(getattr(torch.ops.mkldnn, op))
-                   for op in ("_reorder_linear_weight", "_linear_pointwise"))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_HAVE_ONEDNN_LINEAR = _have_onednn_linear()
+# torch built with oneDNN and registering the two ops used here (builds for other CPU architectures may lack them)
+_HAVE_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and all(
+    hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
 def clear_cache() -> None:
@@ -80,8 +70,9 @@ def cpu_fp32_inference(*tensors: torch.Tensor) -> bool:
             and not _tracing())
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.dim() >= 2 and weight.dim() == 2 and is_enabled() and cpu_fp32_inference(x, weight)
+def _applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return x.dim() >= 2 and weight.dim() == 2 and is_enabled() and cpu_fp32_inference(*tensors)
 
 
 def _packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -106,7 +97,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
-    if _applies(x, weight) and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")):
+    if _applies(x, weight, bias):
         attr, algorithm = _ACTIVATIONS[activation]
         b = None if bias is None else bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, _packed(weight, transposed), b, attr, [], algorithm)

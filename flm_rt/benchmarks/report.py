@@ -171,9 +171,10 @@ def _plots(rows: list, out_dir: str, meta: dict) -> list:
 HISTORY = "history.jsonl"
 
 
-def history_entry(rows: Sequence, meta: dict) -> dict:
-    """One run in a line: when, which commit, and every case's median beside its speed-ups."""
-    sp = {(s["shape"], s["row"], s["steps"], s["batch"]): s for s in speedups(rows)}
+def history_entry(rows: Sequence, meta: dict, sp: Optional[Sequence] = None) -> dict:
+    """One run in a line: when, which commit, and every case's median beside its speed-ups (``sp``: the
+    rows' ``speedups``, when already computed)."""
+    sp = {(s["shape"], s["row"], s["steps"], s["batch"]): s for s in (speedups(rows) if sp is None else sp)}
     cases = []
     for r in rows:
         if r["status"] != "ok":
@@ -218,10 +219,10 @@ def write_report(results: Sequence, meta: dict, out_dir: str, *, record_history:
     that a regression shows up beside the figures it replaces."""
     os.makedirs(out_dir, exist_ok=True)
     rows = [_row_dict(r) for r in results]
+    sp = speedups(rows)
     if record_history:
         with open(os.path.join(out_dir, HISTORY), "a") as f:
-            f.write(json.dumps(history_entry(rows, meta), default=str) + "\n")
-    sp = speedups(rows)
+            f.write(json.dumps(history_entry(rows, meta, sp), default=str) + "\n")
     pj = os.path.join(out_dir, "results.json")
     with open(pj, "w") as f:
         json.dump({"meta": meta, "speedups": sp, "results": rows}, f, indent=1, default=str)
