@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo test bench bench-quick cpp clean
+.PHONY: all venv build demo test bench bench-quick cpp clean gpu-check gpu-stage
 
 all: build
 
@@ -37,6 +37,18 @@ bench: build
 
 bench-quick: build
 	$(VENV)/bin/flm-rt bench --quick
+
+# On a GPU machine, with that machine's own python3 and torch (not the .venv): build for sm_90, CUDA tests,
+# golden cases, compute-sanitizer, bandwidth and end-to-end figures, ncu, a profiler trace; under 9 minutes.
+# Results: $$OUT/<gpu>/ (device tool) or bench/results/<gpu>/gpu-check/. GPU_CHECK_ARGS=--cpu: the no-GPU mode.
+gpu-check:
+	$(PYTHON) bench/gpu/check.py $(GPU_CHECK_ARGS)
+
+# Here, before a device run: stage the golden vectors (../shared is not sent) into the ignored .gpu-stage/,
+# which the run then carries (carry: [".gpu-stage"]). Nothing under .gpu-stage is committed.
+gpu-stage:
+	rm -rf .gpu-stage && mkdir -p .gpu-stage/shared/golden
+	cp -r ../shared/golden/tiny .gpu-stage/shared/golden/
 
 clean:
 	rm -rf build *.egg-info flm_rt/*.so .pytest_cache .benchmarks

@@ -12,6 +12,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0")
   FLM_RT_CPU_CAPABILITIES    comma list restricting the CPU variants, e.g. "DEFAULT,AVX2"
   MAX_JOBS                   parallel compile jobs (default 2)
+  FLM_RT_PTXAS_VERBOSE=1     print each CUDA kernel's registers / shared memory / spills (nvcc -Xptxas -v)
   CUDA_HOME                  CUDA toolkit root (default: found from nvcc on PATH)
 
 Build (editable): pip install --no-deps --no-build-isolation -e .
@@ -260,6 +261,8 @@ CUDA_SOURCES = ["csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu"]
 variant_defs = [f"-DFLM_RT_HAVE_CPU_{v}" for v in CPU_VARIANTS if v != "DEFAULT"]
 cxx_flags = CXX_OPT[:1] + ["-fopenmp", "-DFLM_RT_WITH_PYTHON"] + variant_defs
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+if os.environ.get("FLM_RT_PTXAS_VERBOSE", "0") not in ("", "0"):
+    nvcc_flags.append("-Xptxas=-v")
 if WITH_CUDA:
     cxx_flags.append("-DFLM_RT_WITH_CUDA")
     nvcc_flags.append("-DFLM_RT_WITH_CUDA")

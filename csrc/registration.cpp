@@ -6,6 +6,10 @@
 #include "build_info.h"
 #include "cpu/dispatch.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
@@ -28,6 +32,8 @@
 #define FLM_RT_STR(x) FLM_RT_STR_(x)
 
 TORCH_LIBRARY(flm_rt, m) {
+  // The fake (meta) kernels for torch.compile / torch.export live in this Python module.
+  m.set_python_module("flm_rt.ops");
   // out = a*z + b*softmax(cap*tanh(logits/cap), -1) + c*eps, in float32 (cap <= 0: no soft-cap).
   // z, eps: float32 [..., V]; logits: float32/bfloat16/float16 [..., V]; a, b, c: float32 with 1 element or
   // one per row (numel == prod(z.shape[:-1])). Contract and derivation: docs/KERNELS.md, flm_rt/ops.py.
@@ -37,6 +43,43 @@ TORCH_LIBRARY(flm_rt, m) {
   m.def("flow_map_step_(Tensor(a!) z, Tensor logits, Tensor a, Tensor b, Tensor c, Tensor? eps, float cap) -> ()");
   // (indices int64 [...], values x.dtype [...]) over the last dimension, torch.max semantics.
   m.def("vocab_argmax(Tensor x) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+// Autograd kernel of the in-place op. torch's boxed not-implemented fallbacks bump the version of mutated
+// *returned* tensors only, and this op returns nothing (mutating custom ops must not return aliases), so it
+// refuses inputs that need a gradient and bumps z's version counter itself: autograd then notices that a
+// tensor it saved was overwritten.
+void flow_map_step_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& z, const at::Tensor& logits,
+                                    const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                    const std::optional<at::Tensor>& eps, double cap) {
+  if (at::GradMode::is_enabled()) {
+    const bool needs_grad = z.requires_grad() || logits.requires_grad() || a.requires_grad() || b.requires_grad() ||
+                            c.requires_grad() || (eps.has_value() && eps->defined() && eps->requires_grad());
+    TORCH_CHECK_NOT_IMPLEMENTED(!needs_grad, "flm_rt::flow_map_step_: derivative is not implemented (the flm_rt ",
+                                "ops are not differentiable); call it under torch.no_grad() or on tensors that do ",
+                                "not require grad");
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flm_rt::flow_map_step_", "")
+                             .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const std::optional<at::Tensor>&, double)>();
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, z, logits, a, b, c, eps, cap);
+  }
+  z.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+// Not differentiable: a backward through the functional ops raises "derivative for flm_rt::... is not
+// implemented" instead of silently returning no gradient.
+TORCH_LIBRARY_IMPL(flm_rt, Autograd, m) {
+  m.impl("flow_map_step", torch::autograd::autogradNotImplementedFallback());
+  m.impl("flow_map_step_", TORCH_FN(flow_map_step_inplace_autograd));
+  m.impl("vocab_argmax", torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace flm_rt {

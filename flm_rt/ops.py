@@ -111,6 +111,8 @@ def _fake_check_step(op: str, z, logits, a, b, c, eps) -> None:
     torch._check(logits.dtype in STEP_LOGITS_DTYPES,
                  lambda: f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
     torch._check(z.dim() >= 1, lambda: f"{op}: z must have at least one dimension [..., V]")
+    torch._check(z.shape[-1] != 0, lambda: f"{op}: the vocabulary (last) dimension must be non-empty, "
+                                           f"got shape {tuple(z.shape)}")
     torch._check(tuple(z.shape) == tuple(logits.shape),
                  lambda: f"{op}: z and logits must have the same shape, got {tuple(z.shape)} and {tuple(logits.shape)}")
     torch._check(logits.device == z.device, lambda: f"{op}: logits must be on the device of z")
@@ -140,6 +142,8 @@ if _ext.EXT_LOADED:
         torch._check(x.dtype in ARGMAX_DTYPES,
                      lambda: f"flm_rt::vocab_argmax: x must be float32, bfloat16 or float16, got {x.dtype}")
         torch._check(x.dim() >= 1, lambda: "flm_rt::vocab_argmax: x must have at least one dimension [..., V]")
+        torch._check(x.shape[-1] != 0, lambda: "flm_rt::vocab_argmax: cannot take the argmax over an empty "
+                                              f"vocabulary (last) dimension, got shape {tuple(x.shape)}")
         shape = x.shape[:-1]
         return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape)
 

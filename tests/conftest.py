@@ -3,20 +3,31 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the repository; FLM_RT_SHARED points elsewhere (the GPU kit carries a staged copy).
+SHARED = Path(os.environ.get("FLM_RT_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 GOLDEN = SHARED / "golden"
 TINY = GOLDEN / "tiny"
 
 
-def require_golden() -> Path:
+def require_golden_dir() -> Path:
+    """The golden folder, or a FileNotFoundError that says where it was looked for."""
     if not TINY.is_dir():
-        pytest.fail(f"golden vectors not found at {TINY}: the tests need ../shared/ beside the repository")
+        raise FileNotFoundError(f"golden vectors not found at {TINY}: the tests need ../shared/ beside the "
+                                "repository (or FLM_RT_SHARED pointing at a copy of it)")
     return TINY
+
+
+def require_golden() -> Path:
+    try:
+        return require_golden_dir()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,8 +8,10 @@
 //           the softmax statistics in fp32: with a soft-cap <= 60 the capped logits are bounded and the
 //           plain sum of exp needs no max; otherwise an online (max, sum) pair per thread. Then a
 //           deterministic warp-shuffle (+ shared memory) reduction inside the block;
-//   pass 2: re-read the logits (mostly from L2), read z / eps, write out.
+//   pass 2: re-read the logits (mostly from L2), read z / eps and write out with streaming 16-byte
+//           accesses (__ldcs / __stcs: touched once, so they do not evict the logits from L2).
 // No cross-block reductions, no atomics, no host synchronisation; launched on the current stream.
+// The soft-cap multiplies by a precomputed 1/cap (no per-element IEEE divide).
 #include "../common.h"
 #include "kernel_utils.cuh"
 
@@ -38,6 +40,7 @@ struct StepArgs {
   int64_t a_stride, b_stride, c_stride;
   int64_t rows, V;
   float cap;         // only used when capped
+  float inv_cap;     // 1 / cap
   bool capped;
   bool fixed_shift;  // capped and cap <= kFixedShiftMaxCap: s = sum exp(y), m = 0
   bool aligned;      // every base pointer 16-byte aligned
@@ -45,8 +48,19 @@ struct StepArgs {
 
 constexpr int kWarpModeBlock = 256;  // threads per block when one warp handles one row
 
+// Launch bounds: threads per block, and enough resident blocks for 1536 of an SM's 2048 threads (75%
+// occupancy) in block mode, which caps the registers at 40 per thread; a cap of 32 (full occupancy) made
+// ptxas spill. Warp mode (small V, several rows per block) needs more registers: 1024 threads, 64 at most.
+// FLM_RT_PTXAS_VERBOSE=1 at build time (and `make gpu-check`) reports registers and spills per kernel.
+template <int NT>
+struct StepBounds {
+  static constexpr int kThreads = NT == 32 ? kWarpModeBlock : NT;
+  static constexpr int kMinBlocks = (NT == 32 ? 1024 : 1536) / kThreads;
+};
+
 template <typename T, int NT>
-__global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) step_kernel(const StepArgs<T> p) {
+__global__ void __launch_bounds__(StepBounds<NT>::kThreads, StepBounds<NT>::kMinBlocks)
+    step_kernel(const StepArgs<T> p) {
   constexpr int W = VecWidth<T>::value;
   constexpr int kRowsPerBlock = NT == 32 ? kWarpModeBlock / 32 : 1;
   __shared__ float sm_m[32];
@@ -54,6 +68,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) step_kernel(co
   const int lane = NT == 32 ? (threadIdx.x & 31) : threadIdx.x;
   const int64_t row_in_block = NT == 32 ? (threadIdx.x >> 5) : 0;
   const float cap = p.cap;
+  const float inv_cap = p.inv_cap;
 
   for (int64_t g = blockIdx.x; g * kRowsPerBlock < p.rows; g += gridDim.x) {  // uniform across the block
     const int64_t row = g * kRowsPerBlock + row_in_block;
@@ -67,7 +82,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) step_kernel(co
     float m = p.fixed_shift ? 0.0f : -kInf;
     float s = 0.0f, comp = 0.0f;
     auto accumulate = [&](float x) {
-      const float y = p.capped ? cap * tanhf(x / cap) : x;
+      const float y = p.capped ? cap * tanhf(x * inv_cap) : x;
       if (p.fixed_shift) {
         kahan_add(s, comp, expf(y));
       } else {
@@ -116,32 +131,31 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) step_kernel(co
     const float* er = p.eps != nullptr ? p.eps + off : nullptr;
     float* orow = p.out + off;
     auto value = [&](float x, float zz, float ee) -> float {
-      const float y = p.capped ? cap * tanhf(x / cap) : x;
+      const float y = p.capped ? cap * tanhf(x * inv_cap) : x;
       const float prob = expf(y - m) * inv;
       float r = ca * zz + cb * prob;
       if (er != nullptr) r = r + cc * ee;
       return r;
     };
     for (int64_t k = lane; k < sp.head; k += NT) {
-      orow[k] = value(static_cast<float>(lg[k]), zr[k], er != nullptr ? er[k] : 0.0f);
+      __stcs(orow + k, value(static_cast<float>(lg[k]), __ldcs(zr + k), er != nullptr ? __ldcs(er + k) : 0.0f));
     }
     for (int64_t v = lane; v < sp.nvec; v += NT) {
       const int64_t base = sp.head + v * W;
-      float x[W], zz[W], ee[W], o[W];
+      float x[W];
       load16_to_float<T>(lg + base, x);
-      load_floats<W>(zr + base, zz);
-      if (er != nullptr) {
-        load_floats<W>(er + base, ee);
-      } else {
 #pragma unroll
-        for (int i = 0; i < W; ++i) ee[i] = 0.0f;
+      for (int q = 0; q < W; q += 4) {  // 4 floats (16 bytes) of z / eps / out at a time: fewer live registers
+        float zz[4], ee[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o[4];
+        load_floats_streaming<4>(zr + base + q, zz);
+        if (er != nullptr) load_floats_streaming<4>(er + base + q, ee);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[i] = value(x[q + i], zz[i], ee[i]);
+        store_floats_streaming<4>(orow + base + q, o);
       }
-#pragma unroll
-      for (int i = 0; i < W; ++i) o[i] = value(x[i], zz[i], ee[i]);
-      store_floats<W>(orow + base, o);
     }
     for (int64_t k = sp.tail_begin + lane; k < V; k += NT) {
-      orow[k] = value(static_cast<float>(lg[k]), zr[k], er != nullptr ? er[k] : 0.0f);
+      __stcs(orow + k, value(static_cast<float>(lg[k]), __ldcs(zr + k), er != nullptr ? __ldcs(er + k) : 0.0f));
     }
   }
 }
@@ -182,6 +196,7 @@ void run_step(const at::Tensor& out, const at::Tensor& z, const at::Tensor& lg, 
   args.rows = shape.rows;
   args.V = shape.V;
   args.cap = static_cast<float>(cap);
+  args.inv_cap = cap > 0.0 ? static_cast<float>(1.0 / cap) : 0.0f;
   args.capped = cap > 0.0;
   args.fixed_shift = args.capped && args.cap <= kFixedShiftMaxCap;
   args.aligned = aligned16(args.logits) && aligned16(args.z) && aligned16(args.out) &&

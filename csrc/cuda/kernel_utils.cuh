@@ -27,13 +27,15 @@ __device__ __forceinline__ void load16_to_float(const T* p, float (&out)[VecWidt
   for (int i = 0; i < N; ++i) out[i] = static_cast<float>(buf[i]);
 }
 
-// N floats at a 16-byte aligned address (N a multiple of 4).
+// N floats at a 16-byte aligned address (N a multiple of 4), 16 bytes per load. The streaming variants
+// (__ldcs / __stcs: "cache streaming", evict first) are for arrays that are touched exactly once (z, eps,
+// the output), so that they do not push the logits, which pass 2 reads again, out of L2.
 template <int N>
-__device__ __forceinline__ void load_floats(const float* p, float (&out)[N]) {
+__device__ __forceinline__ void load_floats_streaming(const float* p, float (&out)[N]) {
   static_assert(N % 4 == 0, "N must be a multiple of 4");
 #pragma unroll
   for (int i = 0; i < N; i += 4) {
-    const float4 v = *reinterpret_cast<const float4*>(p + i);
+    const float4 v = __ldcs(reinterpret_cast<const float4*>(p + i));
     out[i] = v.x;
     out[i + 1] = v.y;
     out[i + 2] = v.z;
@@ -42,11 +44,11 @@ __device__ __forceinline__ void load_floats(const float* p, float (&out)[N]) {
 }
 
 template <int N>
-__device__ __forceinline__ void store_floats(float* p, const float (&v)[N]) {
+__device__ __forceinline__ void store_floats_streaming(float* p, const float (&v)[N]) {
   static_assert(N % 4 == 0, "N must be a multiple of 4");
 #pragma unroll
   for (int i = 0; i < N; i += 4) {
-    *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    __stcs(reinterpret_cast<float4*>(p + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
   }
 }
 
@@ -103,10 +105,13 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
     m = M;
     return;
   }
-  s = s * expf(m - M) + s2 * expf(m2 - M);  // symmetric in the two operands: butterfly lanes agree bitwise
+  s = s * expf(m - M) + s2 * expf(m2 - M);
   m = M;
 }
 
+// Butterfly (xor) reductions over a warp. Floating-point merges are not guaranteed to give every lane the
+// same bits (the compiler may contract s*e1 + s2*e2 into an FMA, which is not symmetric in its operands), so
+// each reduction ends by broadcasting lane 0's result: every lane then uses one and the same value.
 __device__ __forceinline__ void warp_reduce_ms(float& m, float& s) {
 #pragma unroll
   for (int o = 16; o >= 1; o >>= 1) {
@@ -114,22 +119,30 @@ __device__ __forceinline__ void warp_reduce_ms(float& m, float& s) {
     const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
     ms_merge(m, s, m2, s2);
   }
+  m = __shfl_sync(0xffffffffu, m, 0);
+  s = __shfl_sync(0xffffffffu, s, 0);
 }
 
 __device__ __forceinline__ float warp_reduce_sum(float s) {
 #pragma unroll
   for (int o = 16; o >= 1; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  return s;
+  return __shfl_sync(0xffffffffu, s, 0);
 }
 
 // ---- argmax candidates: torch.max order ---------------------------------------------------------------
 // (v1, i1) beats (v2, i2): NaN beats numbers (lower index among NaNs), else larger value, ties -> lower index.
+// A total order, so the butterfly below leaves the same (exact) winner in every lane.
 __device__ __forceinline__ bool am_better(float v1, int64_t i1, float v2, int64_t i2) {
   const bool n1 = v1 != v1, n2 = v2 != v2;
   if (n1 || n2) return n1 && n2 ? i1 < i2 : n1;
   if (v1 != v2) return v1 > v2;
   return i1 < i2;
 }
+
+// One thread's scan in increasing index order: a later element replaces the candidate only if it is larger,
+// or the first NaN after numbers. Ties keep the earlier (lower) index without comparing indices. The caller
+// starts from (-inf, none) and, if nothing replaced it (all elements -inf), takes its first index.
+__device__ __forceinline__ bool scan_better(float v, float best) { return v > best || (v != v && best == best); }
 
 __device__ __forceinline__ void warp_reduce_am(float& v, int64_t& i) {
 #pragma unroll

@@ -2,9 +2,10 @@
 // torch.max semantics (first maximal index; NaN is the maximum, first NaN wins).
 //
 // One warp per row for V <= 4096, otherwise one 512-thread block per row; grid-stride over rows. Each
-// thread keeps its best (value, index) candidate; the candidates are combined with a total order
-// (am_better), so the result is exact and independent of the reduction tree. One read of x
-// (16-byte vector loads, scalar head/tail), no atomics, no host synchronisation.
+// thread scans its elements in increasing index order with one compare per element (scan_better: larger,
+// or the first NaN), then the per-thread candidates are combined with a total order (am_better), so the
+// result is exact and independent of the reduction tree. One read of x (16-byte vector loads, scalar
+// head/tail), no atomics, no host synchronisation.
 #include "../build_info.h"
 #include "../common.h"
 #include "kernel_utils.cuh"
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) argmax_kernel(
     float bv = -kInf;
     int64_t bi = kNone;
     auto consider = [&](float v, int64_t k) {
-      if (am_better(v, k, bv, bi)) {
+      if (scan_better(v, bv)) {
         bv = v;
         bi = k;
       }
@@ -70,6 +71,15 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) argmax_kernel(
       for (int i = 0; i < W; ++i) consider(x[i], base + i);
     }
     for (int64_t k = sp.tail_begin + lane; k < V; k += NT) consider(static_cast<float>(xr[k]), k);
+    if (bi == kNone) {  // every element this thread saw was -inf (or it saw none): its first index, if any
+      if (lane < sp.head) {
+        bi = lane;
+      } else if (lane < sp.nvec) {
+        bi = sp.head + static_cast<int64_t>(lane) * W;
+      } else if (sp.tail_begin + lane < V) {
+        bi = sp.tail_begin + lane;
+      }
+    }
 
     warp_reduce_am(bv, bi);
     if constexpr (NT > 32) {
