@@ -76,3 +76,37 @@ def test_kit_says_what_it_cannot_do_without_golden_files(tmp_path):
     assert res["steps"]["golden"]["status"] in ("could not run", "failed")
     assert any("golden" in c for c in res["preflight"]["will_not_run"])
     assert "CANNOT: golden" in p.stdout
+
+
+def test_parsers_of_tool_output():
+    """The parts of the kit that only a GPU run feeds: ptxas resource lines, junit counts, sanitizer/ncu text."""
+    sys.path.insert(0, str(KIT.parent))
+    import check
+
+    ptxas = """ptxas info    : Compiling entry function '_ZN6flm_rt4cuda54_GLOBAL__N__b8_16_flow_map_step_cu_cc311step_kernelIN3c108BFloat16ELi512EEEvNS1_8StepArgsIT_EE' for 'sm_90'
+    24 bytes stack frame, 24 bytes spill stores, 40 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 24 bytes cumulative stack size, 256 bytes smem
+ptxas info    : Compiling entry function '_ZN6flm_rt4cuda48_GLOBAL__N__05_15_vocab_argmax_cu_0e13argmax_kernelIfLi32EEEvNS1_10ArgmaxArgsIT_EE' for 'sm_90'
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers
+"""
+    rows = check._ptxas_summary(ptxas)
+    assert rows == [
+        {"kernel": "step_kernel<bf16,512>", "arch": "sm_90", "spill_stores": 24, "spill_loads": 40, "registers": 32,
+         "smem_bytes": 256},
+        {"kernel": "argmax_kernel<f32,32>", "arch": "sm_90", "spill_stores": 0, "spill_loads": 0, "registers": 32,
+         "smem_bytes": 0},
+    ]
+    junit = Path(check.tempfile.mkdtemp()) / "j.xml"
+    junit.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1">'
+                     '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure message="boom"/>'
+                     '</testcase><testcase classname="t" name="c"><skipped message="CUDA not available"/></testcase>'
+                     '<testcase classname="t" name="d"/></testsuite></testsuites>')
+    c = check._junit_counts(junit)
+    assert (c["passed"], c["failures"], c["skipped"]) == (2, 1, 1)
+    assert c["failed_tests"] == ["t::b: boom"] and c["skip_reasons"] == {"CUDA not available": 1}
+    assert check._last_line("ok\nTraceback (most recent call last):\nValueError: x\n") == "ValueError: x"
+    ncu = ("  void flm_rt::cuda::step_kernel<float, 512>(StepArgs<float>) (8192, 1, 1)x(512, 1, 1)\n"
+           "    DRAM Throughput                 %        91.20\n    Duration                  us       812.10\n")
+    assert check._ncu_summary(ncu) == [{"kernel": "step_kernel<float, 512>", "DRAM Throughput": "91.20 %",
+                                        "Duration": "812.10 us"}]

@@ -278,8 +278,10 @@ class Kit:
             if res is None:
                 continue
             status, out, secs = res
-            if status == "failed" and "kernel-name" in out and "ERROR SUMMARY" not in out:
-                r2 = self.run_step(tool, [*base, *driver])  # an older tool without the kernel filter
+            if status != "ok" and "ERROR SUMMARY" not in out:
+                # no summary: the tool did not run the driver (e.g. it does not know the kernel filter); once more
+                # without the filter (every kernel instrumented: slower)
+                r2 = self.run_step(tool, [*base, *driver])
                 if r2 is None:
                     continue
                 status, out, secs2 = r2
@@ -411,7 +413,7 @@ def _ptxas_summary(out: str) -> list:
 def _demangle_short(name: str) -> str:
     kind = "step_kernel" if "step_kernel" in name else "argmax_kernel" if "argmax_kernel" in name else name[:40]
     dt = "bf16" if "BFloat16" in name else "f16" if "4Half" in name else "f32"
-    m = re.search(r"ILi(\d+)E", name)
+    m = re.search(r"Li(\d+)E", name)
     return f"{kind}<{dt},{m.group(1) if m else '?'}>"
 
 
@@ -450,7 +452,7 @@ def _ncu_summary(out: str) -> list:
             for k in keep:
                 if ln.strip().startswith(k):
                     parts = ln.split()
-                    cur[k] = " ".join(parts[-2:])
+                    cur[k] = f"{parts[-1]} {parts[-2]}"  # value unit
     return rows
 
 
