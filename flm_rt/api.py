@@ -222,7 +222,8 @@ def _check_int(name, v, lo=1, hi=None):
 def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, steps: int = 1,
              stochasticity: Optional[float] = None, seq_len: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
-             decode: bool = True, kernels: Optional[str] = None, noise_space: str = "vocab") -> Generation:
+             decode: bool = True, kernels: Optional[str] = None, noise_space: str = "vocab",
+             cuda_graph=None) -> Generation:
     """Generate ``num_samples`` sequences in ``steps`` network calls.
 
     ``noise`` [S, B, L, V]: explicit standard-normal draws consumed in SPEC order (z_0, eps_0, eps_1, ...); it
@@ -233,6 +234,9 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     through the embedding (draws of N(0, E^T E) in R^D, no [B, L, V] noise, no embedding matmul of the noise):
     the same output distribution, faster, but other draws than "vocab" for a given seed. With explicit
     ``noise`` both spaces give the same ids (up to float rounding).
+    ``cuda_graph``: "auto" (default, env FLM_RT_CUDA_GRAPHS): on CUDA, a seeded call of batch <= 16 replays a
+    captured graph of the whole generation (captured on the first call of that shape; the same ids as eager);
+    True: always (a GenerationError says why it cannot); False: never. See :mod:`flm_rt.cuda_graphs`.
     """
     if not isinstance(model, Model):
         model = load(model)
@@ -311,9 +315,19 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
                     torch.randn(shape[1:], generator=g, device=dev, out=out[k])
                 return finish(out)
 
+    from . import cuda_graphs
+
+    graphed = None
+    if cuda_graphs.wanted(cuda_graph, device=dev, batch=b, seeded=noise is None and generator is None,
+                          callback=False):
+        key = cuda_graphs.GraphKey(b, length, steps, stochasticity, noise_space, kernels)
+        graphed = cuda_graphs.graph_for(model, key)  # captured on the first call of this shape
     t0 = time.perf_counter()
     with torch.inference_mode():
-        ids = run_plan(model.denoiser, plan, draw, kernels=kernels, space=noise_space)
+        if graphed is not None:
+            ids = graphed.replay(seed)
+        else:
+            ids = run_plan(model.denoiser, plan, draw, kernels=kernels, space=noise_space)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0

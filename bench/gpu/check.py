@@ -546,8 +546,8 @@ def summary(res: dict) -> str:
                          f"{_fmt(r.get('flow_map_step[eager]', {}).get('pct_of_copy'), '.0f')}% / "
                          f"{_fmt(r.get('vocab_argmax[eager]', {}).get('pct_of_copy'), '.0f')}%)")
     for c in (res.get("e2e") or {}).get("cases", []):
-        if c.get("status") == "ok" and c["row"] == "flm_rt" and c["steps"] == 1:
-            lines.append(f"  e2e {c['shape']} B={c['batch']} {c['dtype']}: {c['ms_per_sample']:.3f} ms/sample, "
+        if c.get("status") == "ok" and c["row"].startswith("flm_rt") and c["steps"] == 1:
+            lines.append(f"  e2e {c['shape']} B={c['batch']} {c['dtype']} {c['row']}: {c['ms_per_sample']:.3f} ms/sample, "
                          f"{c['tokens_per_s']:.0f} tok/s, x{_fmt(c.get('speedup_vs_reference'), '.2f')} vs reference")
     lines.append("=" * 100)
     return "\n".join(lines)

@@ -133,7 +133,8 @@ def run_ops(device: torch.device, tiny: bool) -> dict:
                         sl = (z[:n], logits[:n], a[:n], b[:n], c[:n], eps[:n], 30.0)
                         ref = ops.flow_map_step_reference(*sl)
                         got = ops.flow_map_step(*sl, backend="ext")
-                        res["flow_map_step"]["max_rel_err"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-6)).max())
+                        res["flow_map_step"]["rel_err"] = float((got - ref).norm() / ref.norm())  # ||.||_2 relative
+                        res["flow_map_step"]["max_abs_err"] = float((got - ref).abs().max())
                         ids, _ = ops.vocab_argmax(logits, backend="ext")
                         res["vocab_argmax"]["equal_to_torch"] = bool(torch.equal(ids, torch.argmax(logits, -1)))
                         del ref, got, ids
@@ -184,8 +185,15 @@ def run_e2e(device: torch.device, tiny: bool) -> dict:
                     reps = 2 if tiny else 3 if heavy else 5
                     base = {"shape": shape, "batch": batch, "steps": steps, "L": cfg.length, "V": cfg.vocab_size,
                             "dtype": str(dtype).replace("torch.", "")}
-                    rows = [("flm_rt", lambda: flm_rt.generate(model, num_samples=batch, steps=steps, seed=1,
-                                                               stochasticity=1.0, decode=False))]
+                    def gen(**kw):
+                        return lambda: flm_rt.generate(model, num_samples=batch, steps=steps, seed=1,
+                                                       stochasticity=1.0, decode=False, **kw)
+                    # flm_rt as users get it, then each fast path on and off (issue 17's switches)
+                    rows = [("flm_rt", gen(cuda_graph=False)), ("flm_rt[embedding]", gen(cuda_graph=False,
+                                                                                         noise_space="embedding"))]
+                    if batch <= 16 and device.type == "cuda":
+                        rows += [("flm_rt[graph]", gen(cuda_graph=True)),
+                                 ("flm_rt[graph+embedding]", gen(cuda_graph=True, noise_space="embedding"))]
                     if dtype == torch.float32:  # the reference runs at its own precision: bf16 autocast on CUDA
                         gen = torch.Generator(device=device).manual_seed(1)
                         rows.append(("reference", lambda: reference_generate(model, gen, steps, 1.0, batch=batch)))
@@ -211,7 +219,7 @@ def run_e2e(device: torch.device, tiny: bool) -> dict:
             del model
             _free_cache(device)
     for c in cases:  # speed-up of flm_rt against the reference measured beside it
-        if c.get("row") == "flm_rt" and c.get("status") == "ok":
+        if c.get("row", "").startswith("flm_rt") and c.get("status") == "ok":
             for r in cases:
                 if (r.get("row") == "reference" and r.get("status") == "ok"
                         and all(r[k] == c[k] for k in ("shape", "batch", "steps"))):
