@@ -139,7 +139,9 @@ def run_plan(
             used += 1
         with nvtx.range("flow_map_step"):
             if space == "vocab":
-                coef = torch.tensor([st.a, st.b, st.c], dtype=torch.float32, device=x.device)
+                # filled on the device (no host-to-device copy, so the loop can be captured in a CUDA graph)
+                coef = torch.empty(3, dtype=torch.float32, device=x.device)
+                coef[0], coef[1], coef[2] = st.a, st.b, st.c
                 # The first update writes a new tensor (draw(0) may be the caller's noise); later ones reuse it.
                 step = ops.flow_map_step_ if i > 0 else ops.flow_map_step
                 x = step(x, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
