@@ -17,7 +17,9 @@ def _from_pyproject() -> str | None:
     except OSError:
         return None
     project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
-    m = project and re.search(r'^version\s*=\s*"([^"]+)"', project.group(1), re.M)
+    if not project or not re.search(r'^name\s*=\s*"flm_rt"', project.group(1), re.M):
+        return None  # not flm_rt's checkout (e.g. a stray pyproject.toml beside an installed package)
+    m = re.search(r'^version\s*=\s*"([^"]+)"', project.group(1), re.M)
     return m.group(1) if m else None
 
 

@@ -6,7 +6,7 @@ Formats, detected from the path:
 * Hub directory: ``model.safetensors`` (keys without ``backbone.``) + ``config.json`` ``{"config": ..., "vocab_size"}``,
   the ``PyTorchModelHubMixin`` layout of the published repos. It is also the one format flm_rt writes
   (:func:`write_flm_rt`), with flm_rt's own metadata under the ``"flm_rt"`` key of ``config.json``.
-* flm_rt directory: ``model.safetensors`` + ``flm_rt.json`` (written by flm_rt before 0.2; still read).
+* flm_rt directory: ``model.safetensors`` + ``flm_rt.json`` (format_version 1 of earlier flm_rt; still read).
 The architecture is read off the weights; length and n_heads come from the config (n_heads cannot be inferred);
 the tokenizer is the one the config names (``data.tokenizer_name_or_path``).
 """

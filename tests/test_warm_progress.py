@@ -108,3 +108,11 @@ def test_cli_show_steps_progress_and_timing(golden_dir, capsys):
     out = capsys.readouterr().out
     assert "first call" in out and "(cold, 1-step warm-up, not counted)" in out and "warm calls" in out
     assert cli.main(["generate", str(golden_dir / "flm.ckpt"), "--repeat", "0"]) == 2
+
+
+def test_export_stages_progress(fmlm_model, tmp_path, capsys):
+    out = flm_rt.export(fmlm_model, tmp_path / "d.pt", format="torchscript", what="denoiser", progress=True)
+    err = capsys.readouterr().err
+    assert os.path.isfile(out) and "export: torchscript denoiser graph" in err and "export: write" in err
+    flm_rt.export(fmlm_model, tmp_path / "e.pt", format="torchscript", what="denoiser")
+    assert "export:" not in capsys.readouterr().err
