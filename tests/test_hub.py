@@ -109,7 +109,7 @@ def endpoint(monkeypatch):
     return use
 
 
-def test_download_through_hub_protocol(tmp_path, released, vectors, endpoint):
+def test_download_through_hub_protocol(tmp_path, released, vectors, endpoint, monkeypatch):
     cache = tmp_path / "cache"
     with FakeHub() as server:
         endpoint(server.url)
@@ -126,10 +126,14 @@ def test_download_through_hub_protocol(tmp_path, released, vectors, endpoint):
         # cached at a commit: no request at all the second time
         server.requests.clear()
         assert _fmlm_ok(flm_rt.load("fmlm-owt", cache_dir=cache), vectors) and server.requests == []
-        # a private repo: the token goes with the requests
+        # a private repo: the token (HF_TOKEN or token=) goes with the requests
         with pytest.raises(HubError, match="no Hub repo someone/private was found .*HF_TOKEN"):
             flm_rt.load("someone/private", cache_dir=cache)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        assert _flm_ok(flm_rt.load("someone/private", cache_dir=cache), vectors)
+        monkeypatch.delenv("HF_TOKEN")
         assert _flm_ok(flm_rt.load("someone/private", cache_dir=cache, token="hf_secret"), vectors)
+        assert all(auth for _, path, auth in server.requests[-2:])  # the last HEAD went with the token
         with pytest.raises(HubError, match="has no revision 'nope'"):
             flm_rt.load("someone/private", revision="nope", cache_dir=cache, token="hf_secret")
         server.add("someone/not-a-model", REV_A, {"config.json": b"{}"})
