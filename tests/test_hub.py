@@ -207,3 +207,21 @@ def test_cli_models_offline_error_and_version(cache, capsys):
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert flm_rt.__version__ == pyproject["project"]["version"]
+
+
+def test_every_model_command_takes_a_name(cache, tmp_path, monkeypatch, capsys):
+    """info, convert and export (generate above) by alias, with the cache and offline mode as HF_HUB_CACHE and
+    HF_HUB_OFFLINE=1 set them at import."""
+    from flm_rt import cli
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    assert cli.main(["info", "fmlm-owt"]) == 0
+    assert f"{FMLM.repo_id}@{FMLM.revision[:7]}  (hub, ema weights)" in capsys.readouterr().out
+    assert cli.main(["convert", "flm-owt", str(tmp_path / "conv")]) == 0
+    assert json.loads((tmp_path / "conv" / "config.json").read_text())["config"]["algo"]["name"] == "dos"
+    assert cli.main(["export", "fmlm-owt", str(tmp_path / "d.pt"), "--format", "torchscript", "--what", "denoiser",
+                     "--no-progress"]) == 0
+    assert (tmp_path / "d.pt").is_file()
+    assert cli.main(["info", "fmlm-lm1b"]) == 2  # not cached, offline: one line, exit 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
