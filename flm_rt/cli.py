@@ -66,8 +66,8 @@ def _print_generation(model, gen, as_json: bool, timing: Optional[dict] = None) 
         print(f"[load {timing['load_s']:.2f} s ({model.source}); "
               + (f"first call {cold * 1e3:.1f} ms (cold, 1-step warm-up, not counted); " if cold is not None
                  else "no warm-up: the timed call was the cold first call; ")
-              + (f"warm calls {', '.join(f'{w * 1e3:.1f}' for w in warm)} ms (median {timing['warm_median_s'] * 1e3:.1f})"
-                 if len(warm) > 1 else f"timed call {warm[0] * 1e3:.1f} ms")
+              + (f"warm calls {', '.join(f'{w * 1e3:.1f}' for w in warm)} ms "
+                 f"(median {timing['warm_median_s'] * 1e3:.1f})" if len(warm) > 1 else f"timed call {warm[0] * 1e3:.1f} ms")
               + "]")
 
 

@@ -105,7 +105,8 @@ def endpoint(monkeypatch):
     """What HF_ENDPOINT does when set before huggingface_hub is imported (these constants are read at import)."""
     def use(url):
         monkeypatch.setattr(hf_constants, "ENDPOINT", url)
-        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            url + "/{repo_id}/resolve/{revision}/{filename}")
     return use
 
 
