@@ -184,8 +184,13 @@ def load(path: Union[str, os.PathLike], *, device=None, dtype=None, n_heads: Opt
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     local, label = resolve_source(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
+    return _load_local(local, label, dev, dt, n_heads=n_heads, use_ema=use_ema)
+
+
+def _load_local(local: str, label: str, device: torch.device, dtype: torch.dtype, *, n_heads: Optional[int] = None,
+                use_ema: bool = True) -> Model:
     ck = loading.read_checkpoint(local, n_heads=n_heads, use_ema=use_ema)
-    return Model.from_state_dict(ck.config, ck.state_dict, device=dev, dtype=dt, source=label,
+    return Model.from_state_dict(ck.config, ck.state_dict, device=device, dtype=dtype, source=label,
                                  format=ck.format, weights=ck.weights, notes=ck.notes,
                                  source_config=ck.source_config, path=local)
 
@@ -223,15 +228,15 @@ def cached_load(path: Union[str, os.PathLike], *, device=None, dtype=None, **kw)
     other load options), so repeated ``generate(path_or_name)`` calls reuse the loaded, prepared model.
     ``FLM_RT_MODEL_CACHE`` sets its size (default 2; 0 turns it off)."""
     hub_kw = {k: kw.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kw}
-    local, _ = resolve_source(path, **hub_kw)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    key = (_file_stamp(local), str(dev), str(dt), tuple(sorted(kw.items())), os.fspath(path))
+    local, label = resolve_source(path, **hub_kw)
+    key = (_file_stamp(local), str(dev), str(dt), tuple(sorted(kw.items())), label)
     with _CACHE_LOCK:
         model = _MODEL_CACHE.get(key)
         if model is not None:
             _MODEL_CACHE.move_to_end(key)
             return model
-    model = load(path, device=dev, dtype=dt, **hub_kw, **kw)
+    model = _load_local(local, label, dev, dt, **kw)
     if MODEL_CACHE_SIZE > 0:
         with _CACHE_LOCK:
             _MODEL_CACHE[key] = model
