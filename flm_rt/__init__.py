@@ -1,25 +1,25 @@
 """flm_rt: a compiled inference runtime for Flow Map Language Models (FMLM) and Flow Language Models (FLM).
 
     import flm_rt
-    model = flm_rt.load("fmlm.ckpt")                # .ckpt, hub directory or flm_rt directory
+    model = flm_rt.load("david3684/FMLM-B-OWT")      # a Hub name (cached), .ckpt, hub or flm_rt directory
     out = flm_rt.generate(model, num_samples=4, steps=1, seed=0)
     print(out.text[0], out.ms_per_token)
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (pyproject.toml is the one place)
 
 from ._ext import build_info  # noqa: E402  (loads the compiled ops, or says why not, once)
-from . import ops  # noqa: E402
+from . import hub, ops  # noqa: E402  (hub: the published-models table; huggingface_hub is imported on use)
 from .api import Generation, Model, convert, generate, load, random_model  # noqa: E402
 from .export import ExportError, export  # noqa: E402  (the function; the module stays flm_rt.export in sys.modules)
 from .errors import (  # noqa: E402
-    CheckpointError, ConfigError, DeviceError, FlmError, GenerationError, NonFiniteWeightsError, TokenizerError,
-    UnsafeCheckpointError,
+    CheckpointError, ConfigError, DeviceError, FlmError, GenerationError, HubError, NonFiniteWeightsError,
+    TokenizerError, UnsafeCheckpointError,
 )
 from .model import ModelConfig  # noqa: E402
 
 __all__ = [
-    "__version__", "build_info", "ops", "load", "generate", "convert", "export", "random_model", "Model",
+    "__version__", "build_info", "hub", "ops", "load", "generate", "convert", "export", "random_model", "Model",
     "ModelConfig", "ExportError",
     "Generation", "FlmError", "CheckpointError", "UnsafeCheckpointError", "NonFiniteWeightsError", "ConfigError",
-    "GenerationError", "DeviceError", "TokenizerError",
+    "GenerationError", "DeviceError", "TokenizerError", "HubError",
 ]

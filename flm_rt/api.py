@@ -1,15 +1,17 @@
-"""The public API: load a checkpoint into a Model, generate text, convert to flm_rt's format."""
+"""The public API: load a checkpoint (or a Hub name) into a Model, generate text, convert to the hub layout."""
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from . import loading
-from .errors import ConfigError, DeviceError, GenerationError, TokenizerError
+from .errors import CheckpointError, ConfigError, DeviceError, GenerationError, TokenizerError
 from .model import Denoiser, ModelConfig
 from .samplers import draws_needed, make_plan, run_plan
 
@@ -54,7 +56,7 @@ class Model:
 
     def __init__(self, config: ModelConfig, denoiser: Denoiser, *, device: torch.device, dtype: torch.dtype,
                  source: Optional[str] = None, format: str = "memory", weights: str = "ema",
-                 notes: Optional[list] = None):
+                 notes: Optional[list] = None, source_config: Optional[dict] = None, path: Optional[str] = None):
         self.config = config
         self.denoiser = denoiser
         self.device = device
@@ -63,6 +65,8 @@ class Model:
         self.format = format
         self.weights = weights
         self.notes = list(notes or [])
+        self.source_config = dict(source_config or {})  # the authors' training config, kept for save()
+        self.path = path                                 # the local file or directory the weights came from
         self._tokenizer = None
         self._tokenizer_error: Optional[str] = None
 
@@ -88,7 +92,8 @@ class Model:
             try:
                 self._tokenizer = get_tokenizer(self.config.tokenizer, self.config.vocab_size)
             except TokenizerError as e:
-                self._tokenizer_error = str(e)
+                note = self.config.extra.get("tokenizer_note")
+                self._tokenizer_error = f"{e}; {note}" if note else str(e)
         return self._tokenizer
 
     @property
@@ -114,11 +119,21 @@ class Model:
     def generate(self, **kwargs) -> "Generation":
         return generate(self, **kwargs)
 
+    def warmup(self, num_samples: int = 1, steps: int = 1, *, seq_len: Optional[int] = None,
+               noise_space: str = "vocab", kernels: Optional[str] = None) -> float:
+        """Run one throw-away generation of this shape so that the first real call finds everything prepared
+        (prepacked weights, kernels, allocator pools, the tokenizer); returns its time in seconds (the cold call)."""
+        t0 = time.perf_counter()
+        generate(self, num_samples=num_samples, steps=steps, seq_len=seq_len, seed=0, decode=False,
+                 noise_space=noise_space, kernels=kernels)
+        _ = self.tokenizer
+        return time.perf_counter() - t0
+
     def save(self, dst: str, *, dtype=None) -> str:
-        """Write this model in flm_rt's own directory format (safetensors + JSON)."""
+        """Write this model in the hub layout (``model.safetensors`` + ``config.json``, flm_rt metadata included)."""
         sd = {k: v for k, v in self.denoiser.state_dict().items()}
         return loading.write_flm_rt(dst, self.config, sd, dtype=None if dtype is None else resolve_dtype(dtype),
-                                    source=self.source, weights=self.weights)
+                                    source=self.source, weights=self.weights, source_config=self.source_config)
 
     def info(self) -> dict:
         return {
@@ -135,25 +150,104 @@ class Model:
                 f"N={c.n_blocks}, H={c.n_heads}, device={self.device}, dtype={str(self.dtype).replace('torch.', '')})")
 
 
-def load(path: Union[str, os.PathLike], *, device=None, dtype=None, n_heads: Optional[int] = None,
-         use_ema: bool = True) -> Model:
-    """Load a Lightning ``.ckpt``, a hub directory (``model.safetensors`` + ``config.json``) or an flm_rt directory.
+def resolve_source(path: Union[str, os.PathLike], *, revision: Optional[str] = None,
+                   cache_dir: Optional[str] = None, local_files_only: bool = False, token=None) -> tuple[str, str]:
+    """(local file or directory, label) for a path or a Hub name. A string is a local path if it exists, else a
+    Hub repo id or alias (see :mod:`flm_rt.hub`); the error says which it was taken for."""
+    name = os.fspath(path)
+    if os.path.exists(name):
+        if revision is not None:
+            raise ConfigError(f"revision={revision!r} applies to Hub names, but {name!r} is a local path")
+        return name, name
+    from . import hub
 
-    Checkpoints are untrusted: pickles are read without executing anything (see :mod:`flm_rt.safe_pickle`).
-    EMA weights are used by default, as the reference samples with them. ``n_heads`` overrides the config.
+    if isinstance(name, str) and hub.is_hub_name(name):
+        files = hub.resolve(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                            token=token)
+        return files.weights_path, files.label
+    raise CheckpointError(f"{name}: no such file or directory (and not a Hugging Face Hub repo id "
+                                  "'owner/name' or a published model's alias; see `flm-rt models`)")
+
+
+def load(path: Union[str, os.PathLike], *, device=None, dtype=None, n_heads: Optional[int] = None,
+         use_ema: bool = True, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+         local_files_only: bool = False, token=None) -> Model:
+    """Load a Hub name (``"david3684/FMLM-B-OWT"``, an alias such as ``"fmlm-owt"``), a Lightning ``.ckpt``, a hub
+    directory (``model.safetensors`` + ``config.json``) or an flm_rt directory.
+
+    Hub names are fetched (only ``config.json`` and ``model.safetensors``) into the Hugging Face cache through
+    ``huggingface_hub``; ``revision`` defaults to the pinned commit for the published models, ``local_files_only``
+    (or ``HF_HUB_OFFLINE=1``) never touches the network. Checkpoints are untrusted: pickles are read without
+    executing anything (see :mod:`flm_rt.safe_pickle`). EMA weights are used by default, as the reference samples
+    with them. ``n_heads`` overrides the config.
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    ck = loading.read_checkpoint(os.fspath(path), n_heads=n_heads, use_ema=use_ema)
-    return Model.from_state_dict(ck.config, ck.state_dict, device=dev, dtype=dt, source=os.fspath(path),
-                                 format=ck.format, weights=ck.weights, notes=ck.notes)
+    local, label = resolve_source(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  token=token)
+    return _load_local(local, label, dev, dt, n_heads=n_heads, use_ema=use_ema)
 
 
-def convert(src, dst, *, dtype=None, n_heads: Optional[int] = None, use_ema: bool = True) -> str:
-    """Convert any supported checkpoint to flm_rt's format (EMA weights only, no optimizer state). Atomic."""
-    ck = loading.read_checkpoint(os.fspath(src), n_heads=n_heads, use_ema=use_ema)
+def _load_local(local: str, label: str, device: torch.device, dtype: torch.dtype, *, n_heads: Optional[int] = None,
+                use_ema: bool = True) -> Model:
+    ck = loading.read_checkpoint(local, n_heads=n_heads, use_ema=use_ema)
+    return Model.from_state_dict(ck.config, ck.state_dict, device=device, dtype=dtype, source=label,
+                                 format=ck.format, weights=ck.weights, notes=ck.notes,
+                                 source_config=ck.source_config, path=local)
+
+
+def convert(src, dst, *, dtype=None, n_heads: Optional[int] = None, use_ema: bool = True,
+            revision: Optional[str] = None, cache_dir: Optional[str] = None, local_files_only: bool = False,
+            token=None) -> str:
+    """Convert any supported checkpoint (or Hub name) to the hub layout (``model.safetensors`` + ``config.json``
+    with the source's training config and flm_rt's metadata; EMA weights only, no optimizer state). Atomic."""
+    local, label = resolve_source(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  token=token)
+    ck = loading.read_checkpoint(local, n_heads=n_heads, use_ema=use_ema)
     return loading.write_flm_rt(os.fspath(dst), ck.config, ck.state_dict,
-                                dtype=None if dtype is None else resolve_dtype(dtype), source=os.fspath(src),
-                                weights=ck.weights)
+                                dtype=None if dtype is None else resolve_dtype(dtype), source=label,
+                                weights=ck.weights, source_config=ck.source_config)
+
+
+# ------------------------------------------------------------------------------------------- warm model cache
+_CACHE_LOCK = threading.Lock()
+_MODEL_CACHE: "OrderedDict[tuple, Model]" = OrderedDict()
+MODEL_CACHE_SIZE = int(os.environ.get("FLM_RT_MODEL_CACHE", "2"))
+
+
+def _file_stamp(local: str) -> tuple:
+    """What identifies a file's contents cheaply: its real path and modification time (every file of a directory)."""
+    real = os.path.realpath(local)
+    if os.path.isdir(real):
+        return real, tuple(sorted((n, os.stat(os.path.join(real, n)).st_mtime_ns) for n in os.listdir(real)
+                                  if os.path.isfile(os.path.join(real, n))))
+    return real, os.stat(real).st_mtime_ns
+
+
+def cached_load(path: Union[str, os.PathLike], *, device=None, dtype=None, **kw) -> Model:
+    """:func:`load` through a small LRU cache keyed by (resolved file, its modification time, device, dtype, the
+    other load options), so repeated ``generate(path_or_name)`` calls reuse the loaded, prepared model.
+    ``FLM_RT_MODEL_CACHE`` sets its size (default 2; 0 turns it off)."""
+    hub_kw = {k: kw.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kw}
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    local, label = resolve_source(path, **hub_kw)
+    key = (_file_stamp(local), str(dev), str(dt), tuple(sorted(kw.items())), label)
+    with _CACHE_LOCK:
+        model = _MODEL_CACHE.get(key)
+        if model is not None:
+            _MODEL_CACHE.move_to_end(key)
+            return model
+    model = _load_local(local, label, dev, dt, **kw)
+    if MODEL_CACHE_SIZE > 0:
+        with _CACHE_LOCK:
+            _MODEL_CACHE[key] = model
+            while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+                _MODEL_CACHE.popitem(last=False)
+    return model
+
+
+def clear_model_cache() -> None:
+    with _CACHE_LOCK:
+        _MODEL_CACHE.clear()
 
 
 def random_model(config: ModelConfig, *, seed: int = 0, device=None, dtype=None, output_scale: float = 1.0) -> Model:
@@ -223,7 +317,8 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
              stochasticity: Optional[float] = None, seq_len: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
              decode: bool = True, kernels: Optional[str] = None, noise_space: str = "vocab",
-             cuda_graph=None) -> Generation:
+             callback: Optional[Callable[[int, float, torch.Tensor], None]] = None, progress: bool = False,
+             device=None, dtype=None, cuda_graph=None) -> Generation:
     """Generate ``num_samples`` sequences in ``steps`` network calls.
 
     ``noise`` [S, B, L, V]: explicit standard-normal draws consumed in SPEC order (z_0, eps_0, eps_1, ...); it
@@ -234,12 +329,23 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     through the embedding (draws of N(0, E^T E) in R^D, no [B, L, V] noise, no embedding matmul of the noise):
     the same output distribution, faster, but other draws than "vocab" for a given seed. With explicit
     ``noise`` both spaces give the same ids (up to float rounding).
+    ``callback(step, t, ids)``: called after every step with the step index, the time reached ((step+1)/steps)
+    and the current argmax ids [B, L] (int64, CPU): of the state z in V-space (noise turning into text; the
+    output at the last step), of the model's prediction with ``noise_space="embedding"``. Nothing is computed for
+    it when it is None. ``progress=True`` shows a tqdm bar over the steps.
+    A path or Hub name in place of ``model`` is loaded on ``device`` / ``dtype`` once and kept warm (a small LRU
+    cache keyed by the resolved file, its modification time, device and dtype; see :func:`cached_load`).
     ``cuda_graph``: "auto" (default, env FLM_RT_CUDA_GRAPHS): on CUDA, a seeded call of batch <= 16 replays a
     captured graph of the whole generation (captured on the first call of that shape; the same ids as eager);
     True: always (a GenerationError says why it cannot); False: never. See :mod:`flm_rt.cuda_graphs`.
     """
     if not isinstance(model, Model):
-        model = load(model)
+        model = cached_load(model, device=device, dtype=dtype)
+    elif device is not None or dtype is not None:
+        raise GenerationError("device= and dtype= apply when model is a path or Hub name; load a Model with "
+                              "flm_rt.load(..., device=, dtype=) instead")
+    if callback is not None and not callable(callback):
+        raise GenerationError(f"callback must be callable(step, t, ids), got {type(callback).__name__}")
     cfg = model.config
     _check_int("steps", steps)
     if stochasticity is None:
@@ -319,17 +425,28 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
 
     graphed = None
     if cuda_graphs.wanted(cuda_graph, device=dev, batch=b, seeded=noise is None and generator is None,
-                          callback=False):
+                          callback=callback is not None or progress):
         key = cuda_graphs.GraphKey(b, length, steps, stochasticity, noise_space, kernels)
         graphed = cuda_graphs.graph_for(model, key)  # captured on the first call of this shape
+    bar = on_step = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"sampling {b} x {length}", unit="step", leave=False)
+        on_step = lambda i: bar.update(1)  # noqa: E731
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        if graphed is not None:
-            ids = graphed.replay(seed)
-        else:
-            ids = run_plan(model.denoiser, plan, draw, kernels=kernels, space=noise_space)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    try:
+        with torch.inference_mode():
+            if graphed is not None:
+                ids = graphed.replay(seed)
+            else:
+                ids = run_plan(model.denoiser, plan, draw, kernels=kernels, space=noise_space, on_step=on_step,
+                               callback=callback)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+    finally:
+        if bar is not None:
+            bar.close()
     elapsed = time.perf_counter() - t0
     ids = ids.to("cpu", torch.int64)
 

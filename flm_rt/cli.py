@@ -1,4 +1,5 @@
-"""The ``flm-rt`` command line: generate, convert, info, demo; export, bench and profile delegate to their modules."""
+"""The ``flm-rt`` command line: generate, convert, info, models, demo; export, bench and profile delegate to their
+modules. Every command that takes a model takes a local path or a Hugging Face Hub name (see ``flm-rt models``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .errors import FlmError
+from .errors import FlmError, GenerationError
 
 DEMO_DIR_ENV = "FLM_RT_DEMO_MODEL"
 
@@ -17,21 +18,34 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16 (mixed precision)")
     p.add_argument("--n-heads", type=int, default=None, help="override the number of attention heads")
     p.add_argument("--no-ema", action="store_true", help="use the training weights instead of the EMA weights")
+    _add_hub_args(p)
+
+
+def _add_hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="Hub names: branch, tag or commit (default: the pinned commit "
+                                                    "of a published model, else main)")
+    p.add_argument("--cache-dir", default=None, help="Hub names: cache folder (default: HF_HUB_CACHE / HF_HOME)")
+    p.add_argument("--offline", action="store_true", help="Hub names: use the cache only (as HF_HUB_OFFLINE=1)")
+
+
+def _hub_kwargs(args) -> dict:
+    return {"revision": args.revision, "cache_dir": args.cache_dir, "local_files_only": args.offline}
 
 
 def _load(args):
     from .api import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema)
+    return load(args.model, device=args.device, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema,
+                **_hub_kwargs(args))
 
 
-def _print_generation(model, gen, as_json: bool) -> None:
+def _print_generation(model, gen, as_json: bool, timing: Optional[dict] = None) -> None:
     if as_json:
         print(json.dumps({
             "model": model.source, "steps": gen.steps, "stochasticity": gen.stochasticity, "seed": gen.seed,
             "device": gen.device, "dtype": gen.dtype, "elapsed_s": gen.elapsed_s, "tokens_per_s": gen.tokens_per_s,
             "ms_per_token": gen.ms_per_token, "token_ids": gen.token_ids.tolist(), "text": gen.text,
-            "text_unavailable_reason": gen.text_unavailable_reason,
+            "text_unavailable_reason": gen.text_unavailable_reason, **(timing or {}),
         }))
         return
     b, length = gen.token_ids.shape
@@ -46,22 +60,68 @@ def _print_generation(model, gen, as_json: bool) -> None:
     print(f"[{b} x {length} tokens, {gen.steps} step(s), stochasticity {gen.stochasticity}, seed {gen.seed}, "
           f"{gen.device}/{gen.dtype}: {gen.elapsed_s * 1e3:.1f} ms, {gen.ms_per_token:.4f} ms/token, "
           f"{gen.tokens_per_s:,.0f} tokens/s]")
+    if timing:
+        cold = timing["first_call_s"]
+        warm = timing["warm_calls_s"]
+        print(f"[load {timing['load_s']:.2f} s ({model.source}); "
+              + (f"first call {cold * 1e3:.1f} ms (cold, 1-step warm-up, not counted); " if cold is not None
+                 else "no warm-up: the timed call was the cold first call; ")
+              + (f"warm calls {', '.join(f'{w * 1e3:.1f}' for w in warm)} ms "
+                 f"(median {timing['warm_median_s'] * 1e3:.1f})" if len(warm) > 1 else f"timed call {warm[0] * 1e3:.1f} ms")
+              + "]")
+
+
+def _show_step(tokenizer):
+    """--show-steps: the text (or ids) of every sample after each step, on stderr."""
+    def show(step: int, t: float, ids) -> None:
+        lines = [f"--- step {step + 1} (t = {t:.4f}) ---"]
+        for k, row in enumerate(ids.tolist()):
+            lines.append(f"[{k}] " + (tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row))))
+        tqdm.write("\n".join(lines), file=sys.stderr)  # above a --progress bar, not through it
+    from tqdm import tqdm
+
+    return show
 
 
 def cmd_generate(args) -> int:
+    import statistics
+    import time
+
+    from . import hub
     from .api import generate
 
+    if args.repeat < 1:
+        raise GenerationError(f"--repeat must be >= 1, got {args.repeat}")
+    steps = args.steps
+    if steps is None:
+        published = hub.find_published(args.model) if not os.path.exists(args.model) else None
+        steps = published.default_steps if published else 1
+    t0 = time.perf_counter()
     model = _load(args)
-    gen = generate(model, num_samples=args.num_samples, steps=args.steps, stochasticity=args.stochasticity,
-                   seq_len=args.seq_len, seed=args.seed, kernels=args.kernels, noise_space=args.noise_space)
-    _print_generation(model, gen, args.json)
+    load_s = time.perf_counter() - t0
+    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and steps >= 64)
+    cold_s = None
+    if not args.no_warmup:  # the first call pays one-time costs (prepacking, allocations); time it apart
+        cold_s = model.warmup(args.num_samples, 1, seq_len=args.seq_len, noise_space=args.noise_space,
+                              kernels=args.kernels)
+    callback = _show_step(model.tokenizer) if args.show_steps else None
+    runs = []
+    for _ in range(args.repeat):
+        gen = generate(model, num_samples=args.num_samples, steps=steps, stochasticity=args.stochasticity,
+                       seq_len=args.seq_len, seed=args.seed, kernels=args.kernels, noise_space=args.noise_space,
+                       callback=callback, progress=progress)
+        runs.append(gen.elapsed_s)
+    timing = {"load_s": load_s, "first_call_s": cold_s, "warm_calls_s": runs,
+              "warm_median_s": statistics.median(runs)}
+    _print_generation(model, gen, args.json, timing)
     return 0
 
 
 def cmd_convert(args) -> int:
     from .api import convert
 
-    out = convert(args.src, args.dst, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema)
+    out = convert(args.src, args.dst, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema,
+                  **_hub_kwargs(args))
     print(f"wrote {out}")
     return 0
 
@@ -83,10 +143,28 @@ def cmd_info(args) -> int:
     print(f"tokenizer   {info['tokenizer']}")
     print(f"sampling    default stochasticity {c['default_stochasticity']}")
     print(f"runtime     {info['device']}/{info['dtype']}; {build_info(short=True)}")
-    print("formats     reads: Lightning .ckpt (safe), hub dir, flm_rt dir; writes: flm_rt dir (convert), "
+    print("formats     reads: Hub names, Lightning .ckpt (safe), hub dir, flm_rt dir; writes: hub dir (convert), "
           "ONNX / TorchScript / AOTInductor (export)")
     for note in info["notes"]:
         print(f"note        {note}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import hub
+
+    folder = hub.cache_folder(args.cache_dir)
+    rows = [{**m.__dict__, "cached": hub.is_cached(m.repo_id, m.revision, args.cache_dir)} for m in hub.PUBLISHED]
+    if args.json:
+        print(json.dumps({"cache_folder": folder, "models": rows}, indent=1))
+        return 0
+    print(f"{'repo':<24}{'alias':<11}{'kind':<6}{'data':<13}{'tokenizer':<19}{'L':>5}{'steps':>7}  "
+          f"{'revision':<9}cached")
+    for r in rows:
+        print(f"{r['repo_id']:<24}{r['alias']:<11}{r['kind']:<6}{r['dataset']:<13}{r['tokenizer']:<19}"
+              f"{r['length']:>5}{r['default_steps']:>7}  {r['revision'][:7]:<9}{'yes' if r['cached'] else 'no'}")
+    print(f"cache folder: {folder}  (load by repo id or alias; the first use downloads config.json + "
+          "model.safetensors)")
     return 0
 
 
@@ -127,13 +205,18 @@ def _delegate(module: str, func: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="flm-rt", description="Run FLM / FMLM text generators.")
+    p.add_argument("--version", action="version", version=f"flm-rt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("model", help=".ckpt file, hub directory or flm_rt directory")
+    g = sub.add_parser("generate", help="generate text from a checkpoint or a Hub name")
+    g.add_argument("model", help="Hub name (e.g. david3684/FMLM-B-OWT, fmlm-owt), .ckpt file, hub or flm_rt "
+                                 "directory")
     g.add_argument("-n", "--num-samples", type=int, default=4)
-    g.add_argument("--steps", type=int, default=1)
+    g.add_argument("--steps", type=int, default=None,
+                   help="network calls (default: the paper's for a published model, else 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stochasticity", type=float, default=None, help="FMLM only, in [0, 1]")
     g.add_argument("--seq-len", type=int, default=None)
@@ -141,15 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-space", choices=["vocab", "embedding"], default="vocab",
                    help="embedding: same distribution, faster (no [B, L, V] noise); other draws per seed")
     g.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar over the steps (default: on in a terminal for 64+ steps)")
+    g.add_argument("--show-steps", action="store_true", help="print the text (argmax of the state) after each step, "
+                                                             "on stderr")
+    g.add_argument("--repeat", type=int, default=1, help="timed (warm) generations; the text is the last one's")
+    g.add_argument("--no-warmup", action="store_true", help="time the cold first call instead of warming up")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("convert", help="convert a checkpoint to flm_rt's format (safetensors + JSON)")
+    c = sub.add_parser("convert", help="convert a checkpoint or Hub name to the hub layout "
+                                        "(model.safetensors + config.json)")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, help="store weights as float32 | bfloat16 | float16")
     c.add_argument("--n-heads", type=int, default=None)
     c.add_argument("--no-ema", action="store_true")
+    _add_hub_args(c)
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="architecture, parameter count, tokenizer, formats")
@@ -157,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     _add_model_args(i)
     i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("models", help="the published models, their pinned revisions and whether each is cached")
+    m.add_argument("--cache-dir", default=None)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="generate from the small built-in random-weight model")
     d.add_argument("-n", "--num-samples", type=int, default=2)

@@ -138,7 +138,7 @@ def wanted(mode, *, device: torch.device, batch: int, seeded: bool, callback: bo
     elif not seeded:
         why = "the call passes explicit noise or a generator (graphs replay seeded draws only)"
     elif callback:
-        why = "a per-step callback needs the host between steps"
+        why = "a per-step callback or progress bar needs the host between steps"
     elif not forced and batch > AUTO_MAX_BATCH:
         why = f"batch {batch} > {AUTO_MAX_BATCH}"
     if why is not None and forced:

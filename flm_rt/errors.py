@@ -31,3 +31,8 @@ class DeviceError(FlmError, RuntimeError):
 
 class TokenizerError(FlmError, RuntimeError):
     """No tokenizer is known for this vocabulary, or its data files cannot be found."""
+
+
+class HubError(FlmError, OSError):
+    """A model named by Hugging Face Hub repo id is not in the cache and cannot be fetched (offline, no such repo,
+    revision or file, a download that failed); the message names the repo, the revision and the cache folder."""

@@ -423,7 +423,8 @@ def _param_bytes(module: nn.Module) -> int:
 
 def export(model, path, *, format: str = "onnx", what: str = "generate", steps: int = 1,
            stochasticity: float = 0.0, batch: Optional[int] = None, seq_len: Optional[int] = None, dtype=None,
-           opset: Optional[int] = None, self_noise: bool = False, onnx_attention: Optional[str] = None) -> str:
+           opset: Optional[int] = None, self_noise: bool = False, onnx_attention: Optional[str] = None,
+           progress: bool = False) -> str:
     """Export ``model`` (an :class:`flm_rt.Model`) to ``path``; returns ``path``. Also writes ``<path>.json``.
 
     format: "onnx" (torch.onnx dynamo exporter, standard ops, opset >= 18), "torchscript" (torch.jit.trace, saved
@@ -434,6 +435,7 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
     dtype: compute dtype (default: the model's); float32 reproduces generate() exactly.
     self_noise: generate graph draws its own Gaussian noise; input ``batch_like int64 [B]``.
     onnx_attention: "decomposed" (default) or "attention" (the opset-23 Attention op with softcap).
+    progress: a tqdm bar over the stages (prepare, export, write); the export stage is the long one (10-60 s).
     """
     from .samplers import make_plan
 
@@ -459,6 +461,9 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
     plan = make_plan(two_time=cfg.two_time, steps=steps, stochasticity=stochasticity,
                      vocab_size=cfg.vocab_size) if what == "generate" else ()
 
+    from tqdm.auto import tqdm
+
+    stages = tqdm(total=3, desc="export: prepare", unit="stage", disable=not progress, leave=False)
     device = torch.device("cpu") if format == "onnx" else model.device
     net = copy.deepcopy(model.denoiser).to(device).eval().requires_grad_(False)
     net.set_compute_dtype(dt)
@@ -505,6 +510,8 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
     tmpdir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
     try:
         tmp_file = os.path.join(tmpdir, base)
+        stages.set_description(f"export: {format} {what} graph")
+        stages.update(1)
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
@@ -521,6 +528,8 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
             raise ExportError(f"{format} export of the {what} graph failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         info["total_s"] = round(time.perf_counter() - t0, 3)
+        stages.set_description("export: write")
+        stages.update(1)
         meta = _sidecar(format=format, what=what, cfg=cfg, plan=plan, steps=steps, stochasticity=stochasticity,
                         batch=batch, length=length, dtype=dt, self_noise=self_noise,
                         opset=info.get("opset"), attention=("onnx-attention-softcap" if use_attention
@@ -533,7 +542,9 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
             os.replace(os.path.join(tmpdir, name), os.path.join(parent, name))
         os.replace(tmp_file + ".json", path + ".json")
         os.replace(tmp_file, path)
+        stages.update(1)
     finally:
+        stages.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
 
@@ -618,7 +629,7 @@ def time_exported(path, *, batch: int = 1, repeats: int = 10, warmup: int = 2, s
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flm-rt export", description="Export a model to ONNX, TorchScript or an "
                                 "AOTInductor package (+ a JSON sidecar <OUT>.json).")
-    p.add_argument("model", help=".ckpt file, hub directory or flm_rt directory")
+    p.add_argument("model", help="Hub name (e.g. david3684/FMLM-B-OWT), .ckpt file, hub or flm_rt directory")
     p.add_argument("out", help="output file (e.g. model.onnx, model.pt, model.pt2)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--what", default="generate", choices=WHATS)
@@ -634,6 +645,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device to load/export on (AOTI compiles for it)")
     p.add_argument("--n-heads", type=int, default=None)
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a bar over the export stages (default: on in a terminal)")
     return p
 
 
@@ -648,7 +661,8 @@ def cli_export(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     out = export(model, args.out, format=args.format, what=args.what, steps=args.steps, stochasticity=s,
                  batch=args.batch, seq_len=args.seq_len, dtype=args.dtype, opset=args.opset,
-                 self_noise=args.self_noise, onnx_attention=args.onnx_attention)
+                 self_noise=args.self_noise, onnx_attention=args.onnx_attention,
+                 progress=sys.stderr.isatty() if args.progress is None else args.progress)
     print(f"wrote {out} (+ {out}.json): {args.format} {args.what}"
           + (f", {args.steps} step(s), stochasticity {s}" if args.what == "generate" else "")
           + f" in {time.perf_counter() - t0:.1f} s", file=sys.stdout)

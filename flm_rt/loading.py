@@ -3,9 +3,12 @@
 Formats, detected from the path:
 * Lightning ``.ckpt`` (a torch zip pickle) read with :mod:`flm_rt.safe_pickle` (nothing in it is executed);
   EMA weights by default, ``._orig_mod.`` stripped, ``teacher*`` and non-backbone keys dropped.
-* Hub directory: ``model.safetensors`` (keys without ``backbone.``) + ``config.json`` ``{"config": ..., "vocab_size"}``.
-* flm_rt directory: ``model.safetensors`` + ``flm_rt.json`` (written by :func:`convert`).
-The architecture is read off the weights; length and n_heads come from the config (n_heads cannot be inferred).
+* Hub directory: ``model.safetensors`` (keys without ``backbone.``) + ``config.json`` ``{"config": ..., "vocab_size"}``,
+  the ``PyTorchModelHubMixin`` layout of the published repos. It is also the one format flm_rt writes
+  (:func:`write_flm_rt`), with flm_rt's own metadata under the ``"flm_rt"`` key of ``config.json``.
+* flm_rt directory: ``model.safetensors`` + ``flm_rt.json`` (format_version 1 of earlier flm_rt; still read).
+The architecture is read off the weights; length and n_heads come from the config (n_heads cannot be inferred);
+the tokenizer is the one the config names (``data.tokenizer_name_or_path``).
 """
 from __future__ import annotations
 
@@ -23,11 +26,18 @@ import torch
 from .errors import CheckpointError, ConfigError, NonFiniteWeightsError
 from .model import ModelConfig
 from .safe_pickle import inert_to_plain, read_torch_zip
+from .tokenizer import tokenizer_kind
 
 FORMAT_FILE = "flm_rt.json"
 WEIGHTS_FILE = "model.safetensors"
 HUB_CONFIG_FILE = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                     # 1: flm_rt.json directories; 2: hub layout + config.json["flm_rt"]
+META_KEY = "flm_rt"
+# ``algo.name`` values of the released configs and the reference code's variants; the architecture is read off the
+# weights either way, and a name outside this list is only noted.
+KNOWN_ALGORITHMS = frozenset({
+    "flm", "fmlm", "dos", "dos_denoiser", "dos_shortcut", "dos_shortcut_distill", "dos_shortcut_distill_double",
+    "dos_shortcut_finetune", "flm_distill", "flm_distill_double", "flm_semigroup_distill", "continuousflow"})
 TRAINING_ONLY_PREFIXES = ("learnable_loss_weighting.",)
 BUFFER_KEYS = ("rotary_emb.inv_freq",)
 
@@ -40,6 +50,7 @@ class LoadedCheckpoint:
     path: str
     weights: str = "ema"             # "ema" | "state_dict"
     notes: list[str] = field(default_factory=list)
+    source_config: dict = field(default_factory=dict)  # the authors' training config, as stored (plain data)
 
 
 # ----------------------------------------------------------------------------------------------- detection
@@ -61,11 +72,8 @@ def detect_format(path: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- config
 def tokenizer_for_vocab(vocab_size: int) -> Optional[str]:
-    if vocab_size in (50257, 50258):
-        return "gpt2"
-    if vocab_size == 30522:
-        return "bert-base-uncased"
-    return None
+    """The tokenizer a vocabulary size implies, for files whose config names none."""
+    return tokenizer_kind(None, vocab_size)[0]
 
 
 def _config_from_weights(sd: dict[str, torch.Tensor], cfg: dict, *, n_heads: Optional[int], source: str) -> ModelConfig:
@@ -96,15 +104,29 @@ def _config_from_weights(sd: dict[str, torch.Tensor], cfg: dict, *, n_heads: Opt
     stoch = sampling.get("gamma", 0.0)
     stoch = float(stoch) if isinstance(stoch, (int, float)) and 0.0 <= float(stoch) <= 1.0 else 0.0
     algo = cfg.get("algo", {}) if isinstance(cfg.get("algo"), dict) else {}
+    tok_name = (cfg.get("data") or {}).get("tokenizer_name_or_path") if isinstance(cfg.get("data"), dict) else None
+    tokenizer, tok_note = tokenizer_kind(tok_name, int(v))
+    extra = {"algo": algo.get("name"), "tokenizer_in_config": tok_name}
+    if tok_note:
+        extra["tokenizer_note"] = tok_note
     try:
         return ModelConfig(
             vocab_size=int(v), length=int(length), hidden_size=int(d), n_blocks=len(blocks), n_heads=int(heads),
-            cond_dim=int(c), two_time=two_time, tokenizer=tokenizer_for_vocab(int(v)),
-            default_stochasticity=stoch if two_time else 0.0,
-            extra={"algo": algo.get("name"), "tokenizer_in_config": (cfg.get("data") or {}).get("tokenizer_name_or_path")
-                   if isinstance(cfg.get("data"), dict) else None})
+            cond_dim=int(c), two_time=two_time, tokenizer=tokenizer,
+            default_stochasticity=stoch if two_time else 0.0, extra=extra)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _config_notes(config: ModelConfig) -> list[str]:
+    notes = []
+    algo = config.extra.get("algo")
+    if algo is not None and algo not in KNOWN_ALGORITHMS:
+        notes.append(f"the config names algorithm {algo!r}, not one of the released ones; the architecture was "
+                     f"read off the weights ({'two-time FMLM' if config.two_time else 'one-time FLM'})")
+    if config.extra.get("tokenizer_note"):
+        notes.append(config.extra["tokenizer_note"])
+    return notes
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -178,13 +200,20 @@ def _load_hub(path: str, n_heads: Optional[int]) -> LoadedCheckpoint:
     cfg_path = os.path.join(root, HUB_CONFIG_FILE)
     cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     inner = cfg.get("config", cfg)
+    inner = inner if isinstance(inner, dict) else {}
+    meta = cfg.get(META_KEY) if isinstance(cfg.get(META_KEY), dict) else {}
+    if isinstance(meta.get("format_version"), int) and meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: written by a newer flm_rt (format {meta['format_version']}); "
+                              "upgrade flm_rt")
     sd, _ = _read_safetensors(weights)
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
-    config = _config_from_weights(sd, inner if isinstance(inner, dict) else {}, n_heads=n_heads, source=path)
+    config = _config_from_weights(sd, inner, n_heads=n_heads, source=path)
     if "vocab_size" in cfg and cfg["vocab_size"] != config.vocab_size:
         raise CheckpointError(f"{cfg_path}: vocab_size {cfg['vocab_size']} disagrees with the weights "
                               f"({config.vocab_size})")
-    return LoadedCheckpoint(config, validate_state_dict(sd, config, path), "hub", path)
+    weights_kind = meta.get("weights") if meta.get("weights") in ("ema", "state_dict", "random") else "ema"
+    return LoadedCheckpoint(config, validate_state_dict(sd, config, path), "hub", path, weights=weights_kind,
+                            notes=_config_notes(config), source_config=inner)
 
 
 def _load_flm_rt(path: str, n_heads: Optional[int]) -> LoadedCheckpoint:
@@ -201,7 +230,7 @@ def _load_flm_rt(path: str, n_heads: Optional[int]) -> LoadedCheckpoint:
         raise ConfigError(f"{path}/{FORMAT_FILE}: invalid config ({e})") from None
     sd, _ = _read_safetensors(os.path.join(path, WEIGHTS_FILE))
     return LoadedCheckpoint(config, validate_state_dict(sd, config, path), "flm_rt", path,
-                            weights=meta.get("weights", "ema"))
+                            weights=meta.get("weights", "ema"), source_config=reference_config(config))
 
 
 def _load_lightning(path: str, n_heads: Optional[int], use_ema: bool) -> LoadedCheckpoint:
@@ -241,6 +270,7 @@ def _load_lightning(path: str, n_heads: Optional[int], use_ema: bool) -> LoadedC
                 backbone[name] = t
             weights = "ema"
     config = _config_from_weights(backbone, cfg, n_heads=n_heads, source=path)
+    notes.extend(_config_notes(config))
     ignored = sorted(g for g in inert if not g.startswith(("omegaconf.", "typing.", "transformers.")))
     if ignored:
         msg = (f"{path}: the checkpoint pickles objects of classes flm_rt does not know ({', '.join(ignored)}); "
@@ -248,7 +278,7 @@ def _load_lightning(path: str, n_heads: Optional[int], use_ema: bool) -> LoadedC
         warnings.warn(msg, stacklevel=3)
         notes.append(msg)
     return LoadedCheckpoint(config, validate_state_dict(backbone, config, path), "lightning-ckpt", path,
-                            weights=weights, notes=notes)
+                            weights=weights, notes=notes, source_config=cfg)
 
 
 def read_checkpoint(path: str, *, n_heads: Optional[int] = None, use_ema: bool = True) -> LoadedCheckpoint:
@@ -262,9 +292,36 @@ def read_checkpoint(path: str, *, n_heads: Optional[int] = None, use_ema: bool =
 
 
 # ----------------------------------------------------------------------------------------------- writer
+def reference_config(config: ModelConfig, base: Optional[dict] = None) -> dict:
+    """The authors' config shape (``model``, ``algo``, ``data``, ``sampling`` sections) for ``config``: ``base``
+    (the source's own training config) kept as it is, with the values flm_rt knows written over it."""
+    out = json.loads(json.dumps(base or {}, default=str))
+    sections = {k: (out[k] if isinstance(out.get(k), dict) else {}) for k in ("model", "algo", "data", "sampling")}
+    out.update(sections)
+    sections["model"].update(hidden_size=config.hidden_size, cond_dim=config.cond_dim, length=config.length,
+                             n_blocks=config.n_blocks, n_heads=config.n_heads)
+    sections["algo"].setdefault("name", "fmlm" if config.two_time else "flm")
+    sections["algo"].setdefault("backbone", "dit")
+    sections["algo"]["double_temb"] = config.two_time
+    if config.tokenizer is not None:
+        sections["data"]["tokenizer_name_or_path"] = config.tokenizer
+    if config.two_time:
+        sections["sampling"]["gamma"] = config.default_stochasticity
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_flm_rt(dst: str, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-                 dtype: Optional[torch.dtype] = None, source: Optional[str] = None, weights: str = "ema") -> str:
-    """Write flm_rt's own format atomically: a temporary sibling directory renamed into place at the end."""
+                 dtype: Optional[torch.dtype] = None, source: Optional[str] = None, weights: str = "ema",
+                 source_config: Optional[dict] = None) -> str:
+    """Write the hub layout (``model.safetensors`` + ``config.json``) that the authors' ``from_pretrained`` reads,
+    flm_rt's metadata under ``config.json["flm_rt"]``. Atomic: a temporary sibling directory is filled, given
+    normal permissions (0644 files, 0755 directory, less what the umask removes) and renamed into place."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -283,14 +340,20 @@ def write_flm_rt(dst: str, config: ModelConfig, state_dict: dict[str, torch.Tens
         if dtype is not None and k not in BUFFER_KEYS:
             v = v.to(dtype)
         tensors[k] = v.contiguous()
-    meta = {"format": "flm_rt", "format_version": FORMAT_VERSION, "flm_rt_version": __version__,
-            "config": config.to_dict(), "weights": weights, "source": source,
-            "dtype": str(dtype or torch.float32).replace("torch.", "")}
+    hub_config = {
+        "config": reference_config(config, source_config), "vocab_size": config.vocab_size,
+        META_KEY: {"format_version": FORMAT_VERSION, "flm_rt_version": __version__, "config": config.to_dict(),
+                   "weights": weights, "source": source, "dtype": str(dtype or torch.float32).replace("torch.", "")},
+    }
+    mask = _umask()
     tmp = tempfile.mkdtemp(prefix=".flm_rt-convert-", dir=parent)
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, FORMAT_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
+        with open(os.path.join(tmp, HUB_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(hub_config, f, indent=1, default=str)
+        for name in (WEIGHTS_FILE, HUB_CONFIG_FILE):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above)
         os.replace(tmp, dst)

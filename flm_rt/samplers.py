@@ -106,6 +106,7 @@ def run_plan(
     kernels: Optional[str] = None,
     space: str = "vocab",
     on_step: Optional[Callable[[int], None]] = None,
+    callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Run the sampler; returns token ids [B, L].
 
@@ -116,6 +117,9 @@ def run_plan(
     the V-space state is never formed. draw(j) must then return eps_j @ E, i.e. draws of N(0, E^T E) [B, L, D].
     The final argmax needs only the logits. Same distribution of outputs, fewer FLOPs and bytes (no V-space
     noise, no embedding matmul of the noise).
+    on_step(i): after step i. callback(i, t, ids): after step i with t = (i+1)/n and the argmax ids [B, L] (int64,
+    CPU) of the state (V-space) or of the prediction (embedding space, whose state is not in R^V); the output ids at
+    the last step. The argmax is computed only when a callback is given.
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -132,6 +136,8 @@ def run_plan(
                 ids = output_ids(logits, kernels=kernels)
             if on_step is not None:
                 on_step(i)
+            if callback is not None:
+                callback(i, 1.0, ids.to("cpu", torch.int64))
             return ids
         eps = None
         if st.uses_draw:
@@ -153,4 +159,7 @@ def run_plan(
                     x = x + st.c * eps
         if on_step is not None:
             on_step(i)
+        if callback is not None:
+            current = x if space == "vocab" else logits
+            callback(i, (i + 1) / len(plan), ops.vocab_argmax(current, backend=kernels)[0].to("cpu", torch.int64))
     raise AssertionError("a plan always ends with a last step")

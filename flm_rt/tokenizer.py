@@ -95,6 +95,28 @@ def _bert() -> object:
     return tok
 
 
+# tokenizer kind -> the vocabulary sizes its files fit (GPT-2 BPE with or without the [PAD] that data packing adds)
+VOCAB_SIZES = {"gpt2": (50257, 50258), "bert-base-uncased": (30522,)}
+# names a training config may give in data.tokenizer_name_or_path (Hub ids of the same files included)
+_NAMES = {"gpt2": "gpt2", "openai-community/gpt2": "gpt2", "bert-base-uncased": "bert-base-uncased",
+          "google-bert/bert-base-uncased": "bert-base-uncased"}
+
+
+def tokenizer_kind(name: Optional[str], vocab_size: int) -> tuple[Optional[str], Optional[str]]:
+    """(kind, note) for a model: the tokenizer its config names (``data.tokenizer_name_or_path``) when flm_rt has
+    it and the vocabulary fits; without a name, the one the vocabulary size implies. ``note`` says why not."""
+    if name is None:
+        return next((k for k, sizes in VOCAB_SIZES.items() if vocab_size in sizes), None), None
+    kind = _NAMES.get(str(name).strip().lower())
+    if kind is None:
+        return None, (f"the config names tokenizer {name!r}, which flm_rt does not ship "
+                      f"(it has {', '.join(VOCAB_SIZES)}); token ids are returned without text")
+    if vocab_size not in VOCAB_SIZES[kind]:
+        return None, (f"the config names tokenizer {name!r} but the model has {vocab_size} tokens "
+                      f"({kind} has {' or '.join(map(str, VOCAB_SIZES[kind]))})")
+    return kind, None
+
+
 def get_tokenizer(kind: Optional[str], vocab_size: int) -> TextTokenizer:
     """The tokenizer for a model, or TokenizerError saying why there is none."""
     if kind == "gpt2":

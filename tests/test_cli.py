@@ -53,7 +53,7 @@ def test_info_and_convert(golden_dir, tmp_path):
     assert "FMLM" in out.stdout and "V=1000" in out.stdout and "parameters" in out.stdout
     dst = tmp_path / "conv"
     out = run("convert", golden_dir / "fmlm.ckpt", dst)
-    assert out.returncode == 0 and (dst / "flm_rt.json").is_file()
+    assert out.returncode == 0 and (dst / "config.json").is_file() and (dst / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("args,match", [

@@ -209,9 +209,16 @@ def test_config_disagreements(golden_dir, tmp_path):
 def test_convert_roundtrip_and_atomicity(golden_dir, tmp_path, monkeypatch):
     dst = tmp_path / "out"
     flm_rt.convert(golden_dir / "fmlm.ckpt", dst)
-    meta = json.loads((dst / "flm_rt.json").read_text())
-    assert meta["format"] == "flm_rt" and meta["weights"] == "ema" and meta["config"]["n_heads"] == 4
-    assert set(os.listdir(dst)) == {"flm_rt.json", "model.safetensors"}  # no optimizer state, nothing else
+    cfg = json.loads((dst / "config.json").read_text())
+    meta = cfg["flm_rt"]
+    assert meta["format_version"] == 2 and meta["weights"] == "ema" and meta["config"]["n_heads"] == 4
+    assert cfg["vocab_size"] == 1000 and cfg["config"]["model"]["n_heads"] == 4  # the authors' config, kept
+    assert set(os.listdir(dst)) == {"config.json", "model.safetensors"}  # no optimizer state, nothing else
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (dst.stat().st_mode & 0o777) == 0o777 & ~umask
+    for name in ("config.json", "model.safetensors"):
+        assert ((dst / name).stat().st_mode & 0o777) == 0o666 & ~umask, name
     with pytest.raises(CheckpointError, match="already exists"):
         flm_rt.convert(golden_dir / "fmlm.ckpt", dst)
     with pytest.raises(CheckpointError, match="parent directory"):
