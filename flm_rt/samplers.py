@@ -106,6 +106,7 @@ def run_plan(
     kernels: Optional[str] = None,
     space: str = "vocab",
     on_step: Optional[Callable[[int], None]] = None,
+    on_estimate: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Run the sampler; returns token ids [B, L].
 
@@ -116,6 +117,7 @@ def run_plan(
     the V-space state is never formed. draw(j) must then return eps_j @ E, i.e. draws of N(0, E^T E) [B, L, D].
     The final argmax needs only the logits. Same distribution of outputs, fewer FLOPs and bytes (no V-space
     noise, no embedding matmul of the noise).
+    on_estimate(i, ids): after step i, the argmax of that step's prediction [B, L] (the output at the last step).
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -132,7 +134,11 @@ def run_plan(
                 ids = output_ids(logits, kernels=kernels)
             if on_step is not None:
                 on_step(i)
+            if on_estimate is not None:
+                on_estimate(i, ids)
             return ids
+        if on_estimate is not None:
+            on_estimate(i, logits.argmax(dim=-1))
         eps = None
         if st.uses_draw:
             eps = draw(used)
