@@ -333,6 +333,24 @@ def test_serve_cli_errors_exit_2():
                          text=True, timeout=120, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 2 and "flm-rt: error:" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "flm_rt.cli", "serve", "x", "--max-batch", "0"], capture_output=True,
-                         text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 2 and "--max-batch" in out.stderr
+
+
+@pytest.mark.parametrize("args,match", [(["--max-batch", "0"], "--max-batch"), (["--max-wait-ms", "-1"], "max-wait"),
+                                        (["--port", "x"], "--port")])
+def test_serve_bad_options(args, match, capsys):
+    from flm_rt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "model", *args])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_bench_serve_against_the_running_server(server, tmp_path):
+    from flm_rt.benchmarks.cli import cli_bench
+
+    assert cli_bench(["serve", "--url", server.url, "--concurrency", "1,3", "--min-requests", "3",
+                      "--requests-per-client", "1", "--max-tokens", "8", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(lv["concurrency"], lv["requests"], lv["errors"]) for lv in data["levels"]] == [(1, 3, 0), (3, 3, 0)]
+    assert all(lv["p99_ms"] >= lv["p50_ms"] > 0 and lv["tokens_per_s"] > 0 for lv in data["levels"])
+    assert (tmp_path / "serve.png").stat().st_size > 0 and "| as running | 3 |" in (tmp_path / "results.md").read_text()

@@ -1,7 +1,7 @@
 """``flm-rt bench serve``: load test of the HTTP server at several concurrencies, with and without batching.
 
-Starts ``flm-rt serve`` on 127.0.0.1 (a free port) once per mode (``--max-batch 64`` and ``--max-batch 1``), or
-drives a running server given by ``--url``. Each level sends a bounded number of requests from C concurrent
+Starts ``flm-rt serve`` on 127.0.0.1 (free ports) in two modes (``--max-batch 64`` and ``--max-batch 1``) and
+alternates between them level by level, or drives a running server given by ``--url``. Each level sends a bounded number of requests from C concurrent
 clients (stopping early at ``--max-level-s``) and reports p50/p99 latency, requests/s and tokens/s. Writes
 results.json, results.md and serve.png under bench/results/<device>/serve/.
 """
@@ -80,15 +80,26 @@ async def _level(url: str, model: str, concurrency: int, n_requests: int, max_s:
     return latencies, errors, wall
 
 
-def run_levels(url: str, mode: str, concurrencies: Sequence[int], args) -> list:
+def _card(url: str) -> dict:
     import httpx2
 
     with httpx2.Client(timeout=30) as c:
-        card = c.get(url + "/v1/models").json()["data"][0]
+        return c.get(url + "/v1/models").json()["data"][0]
+
+
+def warm(url: str, concurrency: int, args) -> None:
+    """Allocations and thread pools at the largest concurrency, not timed."""
+    card = _card(url)
+    body = {"max_tokens": args.max_tokens or card["length"], "steps": args.steps}
+    asyncio.run(_level(url, card["id"], concurrency, concurrency, 30, body))
+
+
+def run_levels(url: str, mode: str, concurrencies: Sequence[int], args) -> list:
+    import httpx2
+
+    card = _card(url)
     tokens = args.max_tokens or card["length"]
     body = {"max_tokens": tokens, "steps": args.steps}
-    # Warm-up at the largest concurrency (allocations, thread pools), not timed.
-    asyncio.run(_level(url, card["id"], max(concurrencies), max(concurrencies), 30, body))
     out = []
     for conc in concurrencies:
         with httpx2.Client(timeout=30) as c:
@@ -178,7 +189,8 @@ def _plot(levels: list, path: str, title: str) -> None:
 def _markdown(levels: list, meta: dict) -> str:
     lines = [f"# flm-rt serve load test ({meta['date']})", "",
              f"Model: {meta['model_desc']}. Server and clients on {meta['machine']} ({meta['device']}), "
-             f"127.0.0.1; {meta['note']}", "",
+             f"127.0.0.1; {meta['note']}. Load average (1, 5, 15 min) before {meta['load_average_before']}, "
+             f"after {meta['load_average_after']}.", "",
              "| mode | concurrency | requests | errors | p50 ms | p99 ms | requests/s | tokens/s | mean batch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in levels:
@@ -189,7 +201,8 @@ def _markdown(levels: list, meta: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flm-rt bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model to serve (default: the random-weight demo model)")
+    p.add_argument("--model", default=None, help="model to serve (default: the random-weight demo model, "
+                                                 "flm-rt demo's: V=50258 L=128 D=128, 2 blocks)")
     p.add_argument("--url", default=None, help="drive this running server instead of starting one per mode")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     p.add_argument("--requests-per-client", type=int, default=3)
@@ -211,32 +224,45 @@ def cli_bench_serve(argv: Optional[Sequence[str]] = None) -> int:
         build_parser().error(f"--concurrency takes positive integers, got {args.concurrency!r}")
     import torch
 
-    from ..api import load, resolve_device
+    from ..api import resolve_device
     from ..cli import demo_model_path
     from .cli import default_out_dir
     from .suite import device_name
 
     dev = resolve_device(args.device)
-    model_path = args.model or demo_model_path()
+    model_path = args.model or (None if args.url else demo_model_path())
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     levels = []
     if args.url:
+        warm(args.url.rstrip("/"), max(conc), args)
         levels += run_levels(args.url.rstrip("/"), "as running", conc, args)
     else:
-        for mode, extra in MODES.items():
-            print(f"flm-rt bench serve: {mode} ({' '.join(extra)})", file=sys.stderr, flush=True)
-            srv = _Server(model_path, extra, args.device)
-            try:
-                levels += run_levels(srv.url, mode, conc, args)
-            finally:
+        # Both servers up at once (an idle one costs memory only); the modes alternate level by level, so
+        # that both see the same background load on a shared machine.
+        servers = {}
+        try:
+            for mode, extra in MODES.items():
+                print(f"flm-rt bench serve: starting '{mode}' ({' '.join(extra)})", file=sys.stderr, flush=True)
+                servers[mode] = _Server(model_path, extra, args.device)
+            for srv in servers.values():
+                warm(srv.url, max(conc), args)
+            card_seen = _card(servers["batching"].url)
+            for c in conc:
+                for mode, srv in servers.items():
+                    levels += run_levels(srv.url, mode, [c], args)
+        finally:
+            for srv in servers.values():
                 srv.close()
-    m = load(model_path, device="cpu")
-    c = m.config
+        levels.sort(key=lambda lv: (list(MODES).index(lv.mode), lv.concurrency))
+    card = _card(args.url.rstrip("/")) if args.url else card_seen
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{device_name(dev)}, {os.cpu_count()} cores, {platform.system()}", "device": str(dev),
-            "model": model_path, "model_desc": f"{'FMLM' if c.two_time else 'FLM'} V={c.vocab_size} L={c.length} "
-                                              f"D={c.hidden_size} blocks={c.n_blocks} (random weights), "
-                                              f"{args.steps} step(s), {args.max_tokens or c.length} tokens/request",
-            "torch": torch.__version__, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "model": args.url or model_path,
+            "model_desc": f"{card['id']}: {card['kind']} V={card['vocab_size']} L={card['length']}, {args.steps} "
+                          f"step(s), {args.max_tokens or card['length']} tokens/request"
+                          + ("" if args.model or args.url else " (the demo model: D=128, 2 blocks, random weights)"),
+            "torch": torch.__version__, "load_average_before": load_before,
+            "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "note": "batching: --max-batch 64 --max-wait-ms 5; no batching: --max-batch 1; latency includes "
                     "queueing; the clients share the CPU with the server"}
     out = args.out or os.path.join(default_out_dir(dev), "serve")
@@ -245,7 +271,7 @@ def cli_bench_serve(argv: Optional[Sequence[str]] = None) -> int:
         json.dump({"meta": meta, "levels": [asdict(lv) for lv in levels]}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(_markdown(levels, meta))
-    _plot(levels, os.path.join(out, "serve.png"), f"flm-rt serve, {meta['model_desc']}\n{meta['machine']}, "
-                                                  f"{meta['date']}")
+    _plot(levels, os.path.join(out, "serve.png"), f"flm-rt serve, {meta['model_desc']}\n"
+                                                  f"{meta['machine']}, {meta['date']}")
     print(f"flm-rt bench serve: wrote {out}/results.{{json,md}} and serve.png", file=sys.stderr)
     return 0

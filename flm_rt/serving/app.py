@@ -251,7 +251,9 @@ def create_app(backend: Backend, limits: Limits = Limits(), metrics: Optional[Se
     @app.get("/health")
     async def health():
         if not backend.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            error = getattr(backend, "error", None)
+            return JSONResponse({"status": "error", "message": error} if error else {"status": "loading"},
+                                status_code=503)
         return {"status": "ok", "model": backend.card.id}
 
     @app.get("/metrics")

@@ -75,11 +75,17 @@ class LocalBackend:
         self.model, self.card, self.warmup = model, card, warmup
         self.engine = BatchingEngine(model, config, metrics)
         self.ready = False
+        self.error: Optional[str] = None
 
     async def start(self) -> None:
         self.engine.start()
         if self.warmup:
-            await asyncio.get_running_loop().run_in_executor(self.engine._executor, warm_up, self.model)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.engine._executor, warm_up, self.model)
+            except Exception as e:  # /health keeps answering 503 with the reason
+                self.error = f"warm-up failed: {type(e).__name__}: {e}"
+                log.error("flm-rt serve: %s", self.error)
+                return
         self.ready = True
         log.info("flm-rt serve: model '%s' loaded and warmed; ready", self.card.id)
 
