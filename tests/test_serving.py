@@ -104,7 +104,7 @@ def test_engine_batches_times_out_and_bounds_its_queue(model):
         short = BatchingEngine(model, EngineConfig(max_batch=8, max_wait_ms=0, timeout_s=0.2))
         short.start()
         with pytest.raises(RequestTimeoutError, match="0.2 s"):
-            await short.submit(job(steps=60, s=1.0))
+            await short.submit(job(steps=100))
         assert short.queue_depth == 0
         await short.stop()  # the batch that held the timed-out job ran to its end
         return metrics

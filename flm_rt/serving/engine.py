@@ -167,6 +167,10 @@ class BatchingEngine:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    async def call(self, fn, *args):
+        """Run fn(*args) on the generation thread (e.g. a warm-up), in turn with the batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     # -- submitting --------------------------------------------------------------------------------------
     def enqueue(self, job: Job, on_step: Optional[StepCallback] = None) -> _Pending:
         """Queue a job now (raises QueueFullError / ShuttingDownError); ``await engine.result(p)`` for it."""

@@ -81,7 +81,7 @@ class LocalBackend:
         self.engine.start()
         if self.warmup:
             try:
-                await asyncio.get_running_loop().run_in_executor(self.engine._executor, warm_up, self.model)
+                await self.engine.call(warm_up, self.model)
             except Exception as e:  # /health keeps answering 503 with the reason
                 self.error = f"warm-up failed: {type(e).__name__}: {e}"
                 log.error("flm-rt serve: %s", self.error)
