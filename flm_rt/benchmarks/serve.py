@@ -119,6 +119,10 @@ def run_levels(url: str, mode: str, concurrencies: Sequence[int], args) -> list:
     return out
 
 
+def _load_average() -> Optional[list]:
+    return [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,7 +235,7 @@ def cli_bench_serve(argv: Optional[Sequence[str]] = None) -> int:
 
     dev = resolve_device(args.device)
     model_path = args.model or (None if args.url else demo_model_path())
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = _load_average()
     levels = []
     if args.url:
         warm(args.url.rstrip("/"), max(conc), args)
@@ -256,13 +260,13 @@ def cli_bench_serve(argv: Optional[Sequence[str]] = None) -> int:
         levels.sort(key=lambda lv: (list(MODES).index(lv.mode), lv.concurrency))
     card = _card(args.url.rstrip("/")) if args.url else card_seen
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{device_name(dev)}, {os.cpu_count()} cores, {platform.system()}", "device": str(dev),
+            "machine": f"{device_name(dev)}, {platform.system()}", "device": str(dev),
             "model": args.url or model_path,
             "model_desc": f"{card['id']}: {card['kind']} V={card['vocab_size']} L={card['length']}, {args.steps} "
                           f"step(s), {args.max_tokens or card['length']} tokens/request"
                           + ("" if args.model or args.url else " (the demo model: D=128, 2 blocks, random weights)"),
             "torch": torch.__version__, "load_average_before": load_before,
-            "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "load_average_after": _load_average(),
             "note": "batching: --max-batch 64 --max-wait-ms 5; no batching: --max-batch 1; latency includes "
                     "queueing; the clients share the CPU with the server"}
     out = args.out or os.path.join(default_out_dir(dev), "serve")
