@@ -229,8 +229,9 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     ``noise`` [S, B, L, V]: explicit standard-normal draws consumed in SPEC order (z_0, eps_0, eps_1, ...); it
     fixes B and L. ``seed``: reproducible; sample k's draws depend only on (seed, k). ``generator``: draws the
     whole batch from that generator; a list of generators, one per sample (on the model's device), draws sample k
-    from ``generator[k]`` exactly as ``seed`` does, so ``[torch.Generator().manual_seed(sample_seed(s, k))]`` gives
-    sample k of ``seed=s`` in any batch (the server merges requests this way). Default stochasticity: the checkpoint's (0.0 if it says nothing).
+    from ``generator[k]`` exactly as ``seed`` does, so ``torch.Generator().manual_seed(sample_seed(s, k))`` gives
+    sample k of ``seed=s`` in any row of any batch (the server merges requests this way).
+    Default stochasticity: the checkpoint's (0.0 if it says nothing).
     ``kernels``: "auto" | "torch" | "ext" (default: env FLM_RT_KERNELS, else auto).
     ``noise_space``: "vocab" (default) runs the SPEC's V-space process; "embedding" runs the same process
     through the embedding (draws of N(0, E^T E) in R^D, no [B, L, V] noise, no embedding matmul of the noise):
