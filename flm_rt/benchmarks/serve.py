@@ -1,9 +1,10 @@
 """``flm-rt bench serve``: load test of the HTTP server at several concurrencies, with and without batching.
 
 Starts ``flm-rt serve`` on 127.0.0.1 (free ports) in two modes (``--max-batch 64`` and ``--max-batch 1``) and
-alternates between them level by level, or drives a running server given by ``--url``. Each level sends a bounded number of requests from C concurrent
-clients (stopping early at ``--max-level-s``) and reports p50/p99 latency, requests/s and tokens/s. Writes
-results.json, results.md and serve.png under bench/results/<device>/serve/.
+alternates between them level by level, or drives a running server given by ``--url``. Each level sends a
+bounded number of requests from C concurrent clients (stopping early at ``--max-level-s``) and reports p50/p99
+latency, requests/s and tokens/s. Writes results.json, results.md and serve.png under
+bench/results/<device>/serve/.
 """
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ def run_levels(url: str, mode: str, concurrencies: Sequence[int], args) -> list:
                       p50_ms=round(1e3 * _percentile(lat, 0.5), 2), p99_ms=round(1e3 * _percentile(lat, 0.99), 2),
                       requests_per_s=round(done / wall, 3), tokens_per_s=round(done * tokens / wall, 1),
                       mean_batch=round((s1 - s0) / (n1 - n0), 2) if n1 > n0 else None)
-        print(f"  {mode:12s} c={conc:3d}: {done} requests ({errors} errors) in {wall:.1f} s; p50 {level.p50_ms:.0f} ms, "
-              f"p99 {level.p99_ms:.0f} ms, {level.requests_per_s:.2f} req/s, {level.tokens_per_s:.0f} tokens/s, "
+        print(f"  {mode:12s} c={conc:3d}: {done} requests ({errors} errors) in {wall:.1f} s; "
+              f"p50 {level.p50_ms:.0f} ms, p99 {level.p99_ms:.0f} ms, {level.requests_per_s:.2f} req/s, {level.tokens_per_s:.0f} tokens/s, "
               f"mean batch {level.mean_batch}", file=sys.stderr, flush=True)
         out.append(level)
     return out
