@@ -6,11 +6,11 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from . import loading
+from . import cuda_graphs, loading
 from .errors import CheckpointError, ConfigError, DeviceError, GenerationError, TokenizerError
 from .model import Denoiser, ModelConfig
 from .samplers import draws_needed, make_plan, run_plan
@@ -315,15 +315,18 @@ def _check_int(name, v, lo=1, hi=None):
 
 def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, steps: int = 1,
              stochasticity: Optional[float] = None, seq_len: Optional[int] = None, seed: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
-             decode: bool = True, kernels: Optional[str] = None, noise_space: str = "vocab",
-             callback: Optional[Callable[[int, float, torch.Tensor], None]] = None, progress: bool = False,
-             device=None, dtype=None, cuda_graph=None) -> Generation:
+             generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+             noise: Optional[torch.Tensor] = None, decode: bool = True, kernels: Optional[str] = None,
+             noise_space: str = "vocab", callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
+             progress: bool = False, device=None, dtype=None, cuda_graph=None) -> Generation:
     """Generate ``num_samples`` sequences in ``steps`` network calls.
 
     ``noise`` [S, B, L, V]: explicit standard-normal draws consumed in SPEC order (z_0, eps_0, eps_1, ...); it
     fixes B and L. ``seed``: reproducible; sample k's draws depend only on (seed, k). ``generator``: draws the
-    whole batch from that generator. Default stochasticity: the checkpoint's (0.0 if it says nothing).
+    whole batch from that generator; a list of generators, one per sample (on the model's device), draws sample k
+    from ``generator[k]`` exactly as ``seed`` does, so ``torch.Generator().manual_seed(sample_seed(s, k))`` gives
+    sample k of ``seed=s`` in any row of any batch (the server merges requests this way).
+    Default stochasticity: the checkpoint's (0.0 if it says nothing).
     ``kernels``: "auto" | "torch" | "ext" (default: env FLM_RT_KERNELS, else auto).
     ``noise_space``: "vocab" (default) runs the SPEC's V-space process; "embedding" runs the same process
     through the embedding (draws of N(0, E^T E) in R^D, no [B, L, V] noise, no embedding matmul of the noise):
@@ -393,6 +396,15 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
             x = noise[j].to(device=dev, dtype=torch.float32)
             return x @ model.denoiser.vocab_embed.embedding.float() if embedded else x
     else:
+        per_sample = isinstance(generator, (list, tuple))
+        if per_sample:
+            if not generator or not all(isinstance(g, torch.Generator) for g in generator):
+                raise GenerationError("generator must be a torch.Generator or a non-empty list of them")
+            if num_samples not in (1, len(generator)):
+                raise GenerationError(f"num_samples={num_samples} disagrees with the {len(generator)} generators")
+            if any(g.device.type != dev.type for g in generator):
+                raise GenerationError(f"per-sample generators must be on the model's device ({dev})")
+            num_samples = len(generator)
         _check_int("num_samples", num_samples)
         length = cfg.length if seq_len is None else seq_len
         _check_int("seq_len", length, 1, cfg.length)
@@ -402,26 +414,23 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
 
         def finish(u: torch.Tensor) -> torch.Tensor:
             return u @ factor.T if embedded else u
-        if generator is not None:
+        if generator is not None and not per_sample:
             if not isinstance(generator, torch.Generator):
                 raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
             def draw(j: int) -> torch.Tensor:
                 return finish(torch.randn(shape, generator=generator, device=generator.device).to(dev))
         else:
-            if seed is None:
-                seed = int.from_bytes(os.urandom(7), "little")
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise GenerationError(f"seed must be a non-negative int, got {seed!r}")
-            gens = [torch.Generator(device=dev).manual_seed(sample_seed(seed, k)) for k in range(b)]
+            if per_sample:
+                gens = list(generator)
+            else:
+                if seed is None:
+                    seed = int.from_bytes(os.urandom(7), "little")
+                if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                    raise GenerationError(f"seed must be a non-negative int, got {seed!r}")
+                gens = [torch.Generator(device=dev).manual_seed(sample_seed(seed, k)) for k in range(b)]
 
-            def draw(j: int) -> torch.Tensor:
-                out = torch.empty(shape, device=dev)
-                for k, g in enumerate(gens):
-                    torch.randn(shape[1:], generator=g, device=dev, out=out[k])
-                return finish(out)
-
-    from . import cuda_graphs
+            draw = cuda_graphs.seeded_draw(gens, shape, dev, finish if embedded else None)
 
     graphed = None
     if cuda_graphs.wanted(cuda_graph, device=dev, batch=b, seeded=noise is None and generator is None,

@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", "flm_rt.export", "cli_export", "export ONNX / TorchScript / AOTInductor graphs"),
         ("bench", "flm_rt.benchmarks.cli", "cli_bench", "run the benchmark suite, write JSON/Markdown/PNG"),
         ("profile", "flm_rt.profiling", "cli_profile", "torch.profiler trace and top kernels"),
+        ("serve", "flm_rt.serving.server", "cli_serve", "OpenAI-compatible HTTP server with dynamic batching"),
     ):
         e = sub.add_parser(name, help=helptext, add_help=False)
         e.add_argument("rest", nargs=argparse.REMAINDER)
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _DELEGATED = {"export": ("flm_rt.export", "cli_export"), "bench": ("flm_rt.benchmarks.cli", "cli_bench"),
-              "profile": ("flm_rt.profiling", "cli_profile")}
+              "profile": ("flm_rt.profiling", "cli_profile"), "serve": ("flm_rt.serving.server", "cli_serve")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flm-rt bench",
         description="Time flm_rt against the research-code sampler, exported graphs and an autoregressive LM; "
-                    "write results.json, results.md and plots under bench/results/<device>/.")
+                    "write results.json, results.md and plots under bench/results/<device>/. "
+                    "`flm-rt bench serve --help`: the HTTP server load test.")
     p.add_argument("--quick", action="store_true", help=QUICK_HELP)
     p.add_argument("--shapes", type=_names(list(SHAPES)), default=None,
                    help=f"comma-separated from {', '.join(SHAPES)} (default lm1b,owt)")
@@ -120,6 +121,10 @@ def cli_bench(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     if argv[:1] == ["--"]:  # `flm-rt bench -- --option ...` (the top-level parser's remainder keeps the "--")
         argv = argv[1:]
+    if argv[:1] == ["serve"]:  # the HTTP load test has its own options
+        from .serve import cli_bench_serve
+
+        return cli_bench_serve(argv[1:])
     args = build_parser().parse_args(argv)
     from .report import write_report
     from .suite import Suite
