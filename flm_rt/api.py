@@ -10,6 +10,7 @@ import torch
 
 from . import loading
 from .errors import ConfigError, DeviceError, GenerationError, TokenizerError
+from .limits import MAX_SEED, MAX_STEPS, Limits, check_request_memory, generation_bytes
 from .model import Denoiser, ModelConfig
 from .samplers import draws_needed, make_plan, run_plan
 
@@ -136,21 +137,24 @@ class Model:
 
 
 def load(path: Union[str, os.PathLike], *, device=None, dtype=None, n_heads: Optional[int] = None,
-         use_ema: bool = True) -> Model:
+         use_ema: bool = True, limits: Optional[Limits] = None) -> Model:
     """Load a Lightning ``.ckpt``, a hub directory (``model.safetensors`` + ``config.json``) or an flm_rt directory.
 
     Checkpoints are untrusted: pickles are read without executing anything (see :mod:`flm_rt.safe_pickle`).
     EMA weights are used by default, as the reference samples with them. ``n_heads`` overrides the config.
+    ``limits``: what the file may cost (:class:`flm_rt.limits.Limits`; default: sizes for the published models,
+    model memory from env FLM_RT_MAX_MODEL_BYTES, else 32 GiB).
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    ck = loading.read_checkpoint(os.fspath(path), n_heads=n_heads, use_ema=use_ema)
+    ck = loading.read_checkpoint(os.fspath(path), n_heads=n_heads, use_ema=use_ema, limits=limits)
     return Model.from_state_dict(ck.config, ck.state_dict, device=dev, dtype=dt, source=os.fspath(path),
                                  format=ck.format, weights=ck.weights, notes=ck.notes)
 
 
-def convert(src, dst, *, dtype=None, n_heads: Optional[int] = None, use_ema: bool = True) -> str:
+def convert(src, dst, *, dtype=None, n_heads: Optional[int] = None, use_ema: bool = True,
+            limits: Optional[Limits] = None) -> str:
     """Convert any supported checkpoint to flm_rt's format (EMA weights only, no optimizer state). Atomic."""
-    ck = loading.read_checkpoint(os.fspath(src), n_heads=n_heads, use_ema=use_ema)
+    ck = loading.read_checkpoint(os.fspath(src), n_heads=n_heads, use_ema=use_ema, limits=limits)
     return loading.write_flm_rt(os.fspath(dst), ck.config, ck.state_dict,
                                 dtype=None if dtype is None else resolve_dtype(dtype), source=os.fspath(src),
                                 weights=ck.weights)
@@ -209,14 +213,15 @@ _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
 
 
 def sample_seed(seed: int, k: int) -> int:
-    """Seed of sample k's private generator: its draws depend on (seed, k) only, not on the batch size."""
-    return (seed * _MIX[0] + (k + 1) * _MIX[1]) % (2**63 - 1)
+    """Seed of sample k's private generator: its draws depend on (seed, k) only, not on the batch size.
+    Modulo 2^64 with an odd multiplier: distinct seeds in [0, 2^64) give distinct generators for each k."""
+    return (seed * _MIX[0] + (k + 1) * _MIX[1]) % 2**64
 
 
 def _check_int(name, v, lo=1, hi=None):
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
         bound = f" and <= {hi}" if hi is not None else ""
-        raise GenerationError(f"{name} must be an int >= {lo}{bound}, got {v!r}")
+        raise GenerationError(f"{name} must be an int >= {lo}{bound}, got {v!r:.40}")
 
 
 def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, steps: int = 1,
@@ -237,7 +242,7 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     if not isinstance(model, Model):
         model = load(model)
     cfg = model.config
-    _check_int("steps", steps)
+    _check_int("steps", steps, 1, MAX_STEPS)
     if stochasticity is None:
         stochasticity = cfg.default_stochasticity
     if isinstance(stochasticity, bool) or not isinstance(stochasticity, (int, float)) or not 0.0 <= stochasticity <= 1.0:
@@ -258,6 +263,8 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         if not isinstance(noise, torch.Tensor) or noise.dim() != 4:
             raise GenerationError(f"noise must be a float tensor [S, B, L, V], got "
                                   f"{type(noise).__name__}{list(noise.shape) if isinstance(noise, torch.Tensor) else ''}")
+        if noise.device.type == "meta":
+            raise GenerationError("noise is a meta tensor (no data); pass real draws")
         if not noise.is_floating_point():
             raise GenerationError(f"noise must be floating point (standard-normal draws), got {noise.dtype}")
         s_, b_, l_, v_ = noise.shape
@@ -278,6 +285,8 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         if not bool(torch.isfinite(noise[:need].sum())) and not bool(torch.isfinite(noise[:need]).all()):
             raise GenerationError("noise contains NaN or infinite values")
         b, length = b_, l_
+        check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
+                             f"generating {b} x {length} tokens (V={cfg.vocab_size})")
 
         def draw(j: int) -> torch.Tensor:
             x = noise[j].to(device=dev, dtype=torch.float32)
@@ -287,6 +296,10 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         length = cfg.length if seq_len is None else seq_len
         _check_int("seq_len", length, 1, cfg.length)
         b = num_samples
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise GenerationError(f"seed must be an int in [0, 2^64), got {seed!r:.40}")
+        check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
+                             f"generating {b} x {length} tokens (V={cfg.vocab_size})")
         shape = (b, length, cfg.hidden_size if embedded else cfg.vocab_size)
         factor = model.embedded_noise_factor() if embedded else None
 
@@ -301,8 +314,6 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         else:
             if seed is None:
                 seed = int.from_bytes(os.urandom(7), "little")
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise GenerationError(f"seed must be a non-negative int, got {seed!r}")
             gens = [torch.Generator(device=dev).manual_seed(sample_seed(seed, k)) for k in range(b)]
 
             def draw(j: int) -> torch.Tensor:
