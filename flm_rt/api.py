@@ -209,13 +209,18 @@ class Generation:
         return 1e3 * self.elapsed_s / max(self.num_tokens, 1)
 
 
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+_M64 = 2**64 - 1
 
 
 def sample_seed(seed: int, k: int) -> int:
     """Seed of sample k's private generator: its draws depend on (seed, k) only, not on the batch size.
-    Modulo 2^64 with an odd multiplier: distinct seeds in [0, 2^64) give distinct generators for each k."""
-    return (seed * _MIX[0] + (k + 1) * _MIX[1]) % 2**64
+    splitmix64 of seed + (k+1) * golden ratio: a bijection of [0, 2^64) for each k, so distinct seeds give
+    distinct generator seeds, and every bit of the seed reaches the low 32 bits (all that PyTorch's CPU
+    mt19937 uses)."""
+    z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 def _check_int(name, v, lo=1, hi=None):

@@ -257,10 +257,11 @@ class _Unpickler(pickle._Unpickler):
             size += s
         if depth > self._limits.max_depth:
             raise CheckpointError(f"hostile or corrupt checkpoint: data nested deeper than {self._limits.max_depth}")
-        if size > self._limits.max_pickle_objects:
-            raise CheckpointError("hostile or corrupt checkpoint: a value expands to more than "
-                                  f"{self._limits.max_pickle_objects} objects (shared references)")
-        self._shape[id(obj)] = (depth, size, obj)
+        cap = self._limits.max_pickle_objects
+        if size > cap and isinstance(obj, (tuple, frozenset)):  # hashing or comparing it would take that long
+            raise CheckpointError("hostile or corrupt checkpoint: a tuple expands to more than "
+                                  f"{cap} objects (shared references)")
+        self._shape[id(obj)] = (depth, min(size, cap + 1), obj)
 
     @staticmethod
     def _children(obj):
@@ -574,20 +575,22 @@ def read_torch_zip(path: str, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, set
         return _materialize(z, z.obj, {}), z.inert_globals
 
 
-def _materialize(z: TorchZip, obj, done: dict):
+def _materialize(z: TorchZip, obj, done: dict, depth: int = 0):
     if isinstance(obj, LazyTensor):
         return z.tensor(obj)
+    if not isinstance(obj, (dict, list)):
+        return obj
     if id(obj) in done:
         return done[id(obj)]
+    if depth > z.limits.max_depth:
+        raise CheckpointError(f"{z.path}: data nested deeper than {z.limits.max_depth}")
     if isinstance(obj, dict):
         out = done[id(obj)] = type(obj)()
-        out.update((k, _materialize(z, v, done)) for k, v in obj.items())
+        out.update((k, _materialize(z, v, done, depth + 1)) for k, v in obj.items())
         return out
-    if isinstance(obj, list):
-        out = done[id(obj)] = []
-        out.extend(_materialize(z, v, done) for v in obj)
-        return out
-    return obj
+    out = done[id(obj)] = []
+    out.extend(_materialize(z, v, done, depth + 1) for v in obj)
+    return out
 
 
 def inert_to_plain(obj: Any, source: str = "checkpoint", limits: Limits = DEFAULT_LIMITS) -> Any:
