@@ -150,16 +150,16 @@ class Result:
 class Worker:
     """One long-lived loader process (importing torch once); restarted after a crash or a hang."""
 
-    def __init__(self, budget_bytes: int = 512 << 20, env: Optional[dict] = None):
-        self.budget = budget_bytes
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    def __init__(self, budget_bytes: int = 512 << 20, env: Optional[dict] = None, root: Path = REPO):
+        self.budget, self.root = budget_bytes, Path(root)  # root: the checkout whose flm_rt is imported
+        self.env = {**os.environ, "PYTHONPATH": str(self.root), **(env or {})}
         self.proc: Optional[subprocess.Popen] = None
         self._n = 0
 
     def _start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(self.budget)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env, text=True,
-                                     bufsize=1, cwd=str(REPO))
+                                     bufsize=1, cwd=str(self.root))
         line = self._readline(180.0)
         if line is None or "ready" not in line:
             self.close()
