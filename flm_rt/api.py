@@ -115,11 +115,11 @@ class Model:
     def generate(self, **kwargs) -> "Generation":
         return generate(self, **kwargs)
 
-    def save(self, dst: str, *, dtype=None) -> str:
+    def save(self, dst: str, *, dtype=None, overwrite: bool = False) -> str:
         """Write this model in flm_rt's own directory format (safetensors + JSON)."""
         sd = {k: v for k, v in self.denoiser.state_dict().items()}
         return loading.write_flm_rt(dst, self.config, sd, dtype=None if dtype is None else resolve_dtype(dtype),
-                                    source=self.source, weights=self.weights)
+                                    source=self.source, weights=self.weights, overwrite=overwrite)
 
     def info(self) -> dict:
         return {
@@ -152,12 +152,13 @@ def load(path: Union[str, os.PathLike], *, device=None, dtype=None, n_heads: Opt
 
 
 def convert(src, dst, *, dtype=None, n_heads: Optional[int] = None, use_ema: bool = True,
-            limits: Optional[Limits] = None) -> str:
-    """Convert any supported checkpoint to flm_rt's format (EMA weights only, no optimizer state). Atomic."""
+            limits: Optional[Limits] = None, overwrite: bool = False) -> str:
+    """Convert any supported checkpoint to flm_rt's format (EMA weights only, no optimizer state). Atomic.
+    An existing ``dst`` is refused unless ``overwrite`` (and then only an flm_rt model folder is replaced)."""
     ck = loading.read_checkpoint(os.fspath(src), n_heads=n_heads, use_ema=use_ema, limits=limits)
     return loading.write_flm_rt(os.fspath(dst), ck.config, ck.state_dict,
                                 dtype=None if dtype is None else resolve_dtype(dtype), source=os.fspath(src),
-                                weights=ck.weights)
+                                weights=ck.weights, overwrite=overwrite)
 
 
 def random_model(config: ModelConfig, *, seed: int = 0, device=None, dtype=None, output_scale: float = 1.0) -> Model:

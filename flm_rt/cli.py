@@ -61,7 +61,8 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from .api import convert
 
-    out = convert(args.src, args.dst, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema)
+    out = convert(args.src, args.dst, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema,
+                  overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, help="store weights as float32 | bfloat16 | float16")
     c.add_argument("--n-heads", type=int, default=None)
     c.add_argument("--no-ema", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing flm_rt model at DST")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="architecture, parameter count, tokenizer, formats")

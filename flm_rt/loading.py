@@ -13,13 +13,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from . import outputs
 from .errors import CheckpointError, ConfigError, NonFiniteWeightsError
 from .limits import (DEFAULT_LIMITS, Limits, brief, check_model_memory, config_int, config_unit_float, gib,
                      regular_file)
@@ -361,8 +361,10 @@ def read_checkpoint(path: str, *, n_heads: Optional[int] = None, use_ema: bool =
 
 # ----------------------------------------------------------------------------------------------- writer
 def write_flm_rt(dst: str, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-                 dtype: Optional[torch.dtype] = None, source: Optional[str] = None, weights: str = "ema") -> str:
-    """Write flm_rt's own format atomically: a temporary sibling directory renamed into place at the end."""
+                 dtype: Optional[torch.dtype] = None, source: Optional[str] = None, weights: str = "ema",
+                 overwrite: bool = False) -> str:
+    """Write flm_rt's own format atomically: a temporary sibling directory renamed into place at the end
+    (the rules of :mod:`flm_rt.outputs`: overwrite only an flm_rt model, permissions from the umask)."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -371,8 +373,8 @@ def write_flm_rt(dst: str, config: ModelConfig, state_dict: dict[str, torch.Tens
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
         raise CheckpointError(f"{dst}: parent directory {parent} does not exist")
-    if os.path.lexists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise CheckpointError(f"{dst}: already exists; choose a new path or remove it first")
+    outputs.check_destination(dst, overwrite=overwrite, error=CheckpointError, hint="pass overwrite=True (--overwrite)",
+                              replaceable=lambda p: os.path.isdir(p) and os.path.isfile(os.path.join(p, FORMAT_FILE)))
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"convert dtype must be float32, bfloat16 or float16, got {dtype}")
     tensors = {}
@@ -385,16 +387,15 @@ def write_flm_rt(dst: str, config: ModelConfig, state_dict: dict[str, torch.Tens
             "config": config.to_dict(), "weights": weights, "source": source,
             "dtype": str(dtype or torch.float32).replace("torch.", "")}
     try:
-        tmp = tempfile.mkdtemp(prefix=".flm_rt-convert-", dir=parent)
+        tmp = outputs.make_temp_dir(parent, ".flm_rt-convert-")
     except OSError as e:
         raise CheckpointError(f"{dst}: cannot write in {parent} ({e.strerror or e})") from None
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(tmp, FORMAT_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            os.rmdir(dst)  # empty (checked above)
-        os.replace(tmp, dst)
+        outputs.apply_umask(tmp)
+        outputs.move_into_place(tmp, dst, overwrite=overwrite)
     except BaseException as e:
         import shutil
 

@@ -493,3 +493,83 @@ def test_seeds_do_not_wrap_at_2_63(gpt2_model_small):
     assert not torch.equal(a, b) and not torch.equal(b, c)
     with pytest.raises(GenerationError, match=r"seed must be an int in \[0, 2\^64\)"):
         flm_rt.generate(gpt2_model_small, seed=2**64)
+
+
+# ------------------------------------------------------------------------------------------ 8. outputs and races
+@pytest.mark.parametrize("mask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_convert_permissions_follow_the_umask(golden_dir, tmp_path, mask, dir_mode, file_mode):
+    old = os.umask(mask)
+    try:
+        dst = flm_rt.convert(golden_dir / "fmlm.ckpt", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(dst).st_mode) == dir_mode
+    for name in ("model.safetensors", "flm_rt.json"):
+        assert stat.S_IMODE(os.stat(os.path.join(dst, name)).st_mode) == file_mode
+
+
+def test_temporaries_of_killed_converts_are_swept(golden_dir, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".flm_rt-convert-{dead.pid}-abcd"
+    live = tmp_path / f".flm_rt-convert-{os.getpid()}-efgh"  # a convert still running in this process
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    flm_rt.convert(golden_dir / "fmlm.ckpt", tmp_path / "out")
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
+
+
+def test_concurrent_converts_loser_gets_a_clean_error(golden_dir, tmp_path, monkeypatch):
+    from flm_rt import outputs
+
+    dst = tmp_path / "out"
+    real = outputs.apply_umask
+
+    def other_writer_finishes_first(tmp):
+        real(tmp)
+        dst.mkdir()
+        (dst / "flm_rt.json").write_text("{}")
+    monkeypatch.setattr(outputs, "apply_umask", other_writer_finishes_first)
+    with pytest.raises(CheckpointError, match="another process wrote it first"):
+        flm_rt.convert(golden_dir / "fmlm.ckpt", dst)
+    assert (dst / "flm_rt.json").read_text() == "{}"  # the winner's output is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_demo_first_use_race(tmp_path, monkeypatch):
+    """Two first uses of `flm-rt demo` at once: the one that finds the model written meanwhile uses it."""
+    path = tmp_path / "demo"
+    monkeypatch.setenv("FLM_RT_DEMO_MODEL", str(path))
+    path.mkdir()
+    (path / "flm_rt.json").write_text("{}")  # the other process's finished model
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(cli.os.path, "isdir", lambda p: False if str(p) == str(path) else real_isdir(p))
+    # ... which was not there when this one looked
+    assert cli.demo_model_path() == str(path)
+
+
+def test_one_overwrite_rule_for_convert_and_export(golden_dir, tmp_path):
+    from flm_rt.export import ExportError
+
+    dst = flm_rt.convert(golden_dir / "fmlm.ckpt", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="already exists.*overwrite"):
+        flm_rt.convert(golden_dir / "fmlm.ckpt", dst)
+    flm_rt.convert(golden_dir / "fmlm.ckpt", dst, dtype="bf16", overwrite=True)
+    assert load_file(os.path.join(dst, "model.safetensors"))["blocks.0.attn_qkv.weight"].dtype == torch.bfloat16
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not written by flm_rt"):
+        flm_rt.convert(golden_dir / "fmlm.ckpt", precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+    model = flm_rt.load(dst)
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"previous")
+    with pytest.raises(ExportError, match="already exists.*overwrite"):
+        flm_rt.export(model, out, format="torchscript")
+    assert out.read_bytes() == b"previous"
+    flm_rt.export(model, out, format="torchscript", overwrite=True)
+    assert out.read_bytes() != b"previous" and (tmp_path / "m.pt.json").is_file()
