@@ -580,7 +580,7 @@ def load_exported(path, *, threads: Optional[int] = None):
             module = torch.jit.load(path)
         return module.forward
     if fmt == "aoti":
-        os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+        os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"  # always: unchecked, a wrong shape is read past its end
         from torch._inductor import aoti_load_package
 
         return aoti_load_package(path)
