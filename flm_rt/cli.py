@@ -196,7 +196,7 @@ def _run_reporting(func, *args) -> int:
     try:
         return func(*args)
     except FlmError as e:
-        print(f"flm-rt: error: {str(e).strip()}", file=sys.stderr)
+        print(f"flm-rt: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     except KeyboardInterrupt:
         return 130
