@@ -278,7 +278,8 @@ class _Unpickler(pickle._Unpickler):
                                   f"{self._limits.max_pickle_objects} objects")
 
     # -- opcode wrappers ------------------------------------------------------------------------------
-    def _new_container(self, op):
+    @staticmethod
+    def _new_container(op):  # -> a dispatch entry
         base = pickle._Unpickler.dispatch[op]
 
         def run(self):
@@ -289,7 +290,8 @@ class _Unpickler(pickle._Unpickler):
             self._record(obj, self._children(obj), (1, 1))
         return run
 
-    def _fill(self, op, kinds, mark: bool, n_pop: int = 0):
+    @staticmethod
+    def _fill(op, kinds, mark: bool, n_pop: int = 0):  # -> a dispatch entry
         base = pickle._Unpickler.dispatch[op]
 
         def run(self):
@@ -304,7 +306,8 @@ class _Unpickler(pickle._Unpickler):
             self._record(target, children, self._measure(target))
         return run
 
-    def _call(self, op, where: int, mark: bool = False):
+    @staticmethod
+    def _call(op, where: int, mark: bool = False):  # -> a dispatch entry
         """REDUCE / NEWOBJ / NEWOBJ_EX / OBJ: the callable must be one flm_rt hands out or an inert class."""
         base = pickle._Unpickler.dispatch[op]
 
@@ -350,7 +353,8 @@ class _Unpickler(pickle._Unpickler):
         else:
             raise CheckpointError(f"corrupt or hostile checkpoint: it sets the state of {brief(inst)}")
 
-    def _memo_checked(self, op):
+    @staticmethod
+    def _memo_checked(op):  # -> a dispatch entry
         base = pickle._Unpickler.dispatch[op]
 
         def run(self):
@@ -367,7 +371,8 @@ class _Unpickler(pickle._Unpickler):
         self._count()
         self.append(bytearray(self.read(n)))
 
-    def _plain(self, op):
+    @staticmethod
+    def _plain(op):  # -> a dispatch entry
         base = pickle._Unpickler.dispatch[op]
 
         def run(self):
@@ -434,24 +439,24 @@ class _Unpickler(pickle._Unpickler):
 
 for _name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE", "LIST", "EMPTY_LIST", "DICT", "EMPTY_DICT",
               "EMPTY_SET", "FROZENSET"):
-    _Unpickler.dispatch[_OP[_name]] = _Unpickler._new_container(None, _OP[_name])
-_Unpickler.dispatch[_OP["APPEND"]] = _Unpickler._fill(None, _OP["APPEND"], (list, Inert), False, 1)
-_Unpickler.dispatch[_OP["APPENDS"]] = _Unpickler._fill(None, _OP["APPENDS"], (list, Inert), True)
-_Unpickler.dispatch[_OP["SETITEM"]] = _Unpickler._fill(None, _OP["SETITEM"], (dict, Inert), False, 2)
-_Unpickler.dispatch[_OP["SETITEMS"]] = _Unpickler._fill(None, _OP["SETITEMS"], (dict, Inert), True)
-_Unpickler.dispatch[_OP["ADDITEMS"]] = _Unpickler._fill(None, _OP["ADDITEMS"], (set,), True)
-_Unpickler.dispatch[_OP["REDUCE"]] = _Unpickler._call(None, _OP["REDUCE"], -2)
-_Unpickler.dispatch[_OP["NEWOBJ"]] = _Unpickler._call(None, _OP["NEWOBJ"], -2)
-_Unpickler.dispatch[_OP["NEWOBJ_EX"]] = _Unpickler._call(None, _OP["NEWOBJ_EX"], -3)
-_Unpickler.dispatch[_OP["OBJ"]] = _Unpickler._call(None, _OP["OBJ"], 0, mark=True)
+    _Unpickler.dispatch[_OP[_name]] = _Unpickler._new_container(_OP[_name])
+_Unpickler.dispatch[_OP["APPEND"]] = _Unpickler._fill(_OP["APPEND"], (list, Inert), False, 1)
+_Unpickler.dispatch[_OP["APPENDS"]] = _Unpickler._fill(_OP["APPENDS"], (list, Inert), True)
+_Unpickler.dispatch[_OP["SETITEM"]] = _Unpickler._fill(_OP["SETITEM"], (dict, Inert), False, 2)
+_Unpickler.dispatch[_OP["SETITEMS"]] = _Unpickler._fill(_OP["SETITEMS"], (dict, Inert), True)
+_Unpickler.dispatch[_OP["ADDITEMS"]] = _Unpickler._fill(_OP["ADDITEMS"], (set,), True)
+_Unpickler.dispatch[_OP["REDUCE"]] = _Unpickler._call(_OP["REDUCE"], -2)
+_Unpickler.dispatch[_OP["NEWOBJ"]] = _Unpickler._call(_OP["NEWOBJ"], -2)
+_Unpickler.dispatch[_OP["NEWOBJ_EX"]] = _Unpickler._call(_OP["NEWOBJ_EX"], -3)
+_Unpickler.dispatch[_OP["OBJ"]] = _Unpickler._call(_OP["OBJ"], 0, mark=True)
 _Unpickler.dispatch[_OP["INST"]] = _Unpickler._load_inst
 _Unpickler.dispatch[_OP["BUILD"]] = _Unpickler._load_build
 _Unpickler.dispatch[_OP["BYTEARRAY8"]] = _Unpickler._load_bytearray8
 for _name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
-    _Unpickler.dispatch[_OP[_name]] = _Unpickler._memo_checked(None, _OP[_name])
+    _Unpickler.dispatch[_OP[_name]] = _Unpickler._memo_checked(_OP[_name])
 for _op, _fn in list(_Unpickler.dispatch.items()):  # every other opcode is counted too
     if _fn is pickle._Unpickler.dispatch.get(_op):
-        _Unpickler.dispatch[_op] = _Unpickler._plain(None, _op)
+        _Unpickler.dispatch[_op] = _Unpickler._plain(_op)
 
 
 def _check_ratio(info: zipfile.ZipInfo, limits: Limits) -> None:
