@@ -53,6 +53,7 @@ _REFUSED_MODULES = {
     "threading", "gc", "weakref", "tempfile", "glob", "pathlib", "zipimport", "pkgutil", "_posixsubprocess",
 }
 _MAX_TENSOR_DIMS = 16
+_MAX_INERT_CLASSES = 10_000  # a real checkpoint names a few dozen (OmegaConf, tokenizer)
 
 
 class _StorageType:
@@ -242,6 +243,7 @@ class _Unpickler(pickle._Unpickler):
         # id -> (depth, expanded size, object): kept alive so that ids are never reused while reading
         self._shape: dict[int, tuple[int, int, Any]] = {}
         self._globals: set[int] = set()
+        self._inert_classes: dict[str, type] = {}
         self.inert_globals: set[str] = set()
 
     # -- bookkeeping ----------------------------------------------------------------------------------
@@ -286,8 +288,9 @@ class _Unpickler(pickle._Unpickler):
             self._count()
             base(self)
             obj = self.stack[-1]
-            self._count(len(obj))
-            self._record(obj, self._children(obj), (1, 1))
+            if len(obj):  # an empty one is depth 1, size 1 when looked up: no record (a flood of them stays cheap)
+                self._count(len(obj))
+                self._record(obj, self._children(obj), (1, 1))
         return run
 
     @staticmethod
@@ -399,9 +402,15 @@ class _Unpickler(pickle._Unpickler):
                 f"checkpoint refers to '{shown[:200]}', which can execute code; flm_rt refuses to load it. "
                 "Only load checkpoints from sources you trust, or convert them with a trusted tool first.")
         full = f"{real_module}.{real_name}"[:200]
-        self.inert_globals.add(full)
-        return self._global(type(real_name[:100] or "_", (Inert,), {"_global_name": full,
-                                                                      "__module__": "flm_rt.safe_pickle"}))
+        cls = self._inert_classes.get(full)
+        if cls is None:
+            if len(self._inert_classes) >= _MAX_INERT_CLASSES:
+                raise CheckpointError(f"hostile or corrupt checkpoint: it names more than {_MAX_INERT_CLASSES} "
+                                      "different classes")
+            cls = self._inert_classes[full] = self._global(
+                type(real_name[:100] or "_", (Inert,), {"_global_name": full, "__module__": "flm_rt.safe_pickle"}))
+            self.inert_globals.add(full)
+        return cls
 
     def _global(self, obj):
         self._globals.add(id(obj))

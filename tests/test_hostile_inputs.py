@@ -573,3 +573,15 @@ def test_one_overwrite_rule_for_convert_and_export(golden_dir, tmp_path):
     assert out.read_bytes() == b"previous"
     flm_rt.export(model, out, format="torchscript", overwrite=True)
     assert out.read_bytes() != b"previous" and (tmp_path / "m.pt.json").is_file()
+
+
+def test_floods_stay_within_memory(loader_worker, tmp_path):
+    """Cheap opcodes repeated: empty lists, marks, distinct class names; each is bounded in count and memory."""
+    floods = {"lists": b"]" * 600_000, "marks": b"(" * 600_000,
+              "classes": b"".join(b"cm\n" + str(i).encode() + b"\n0" for i in range(20_000))}
+    for name, body in floods.items():
+        path = write_ckpt(tmp_path / f"{name}.ckpt", b"\x80\x02" + body + b"}.", {})
+        r = loader_worker.run(path, timeout=60)
+        assert r.outcome in ("flm", "loaded") and r.peak_bytes < 256 * MiB, (name, r.outcome, r.msg, r.peak_bytes)
+    r = loader_worker.run(tmp_path / "classes.ckpt", timeout=60)
+    assert "more than 10000 different classes" in r.msg
