@@ -577,7 +577,7 @@ def test_one_overwrite_rule_for_convert_and_export(golden_dir, tmp_path):
 
 def test_floods_stay_within_memory(loader_worker, tmp_path):
     """Cheap opcodes repeated: empty lists, marks, distinct class names; each is bounded in count and memory."""
-    floods = {"lists": b"]" * 600_000, "marks": b"(" * 600_000,
+    floods = {"lists": b"]" * 300_000, "marks": b"(" * 300_000,
               "classes": b"".join(b"cm\n" + str(i).encode() + b"\n0" for i in range(20_000))}
     for name, body in floods.items():
         path = write_ckpt(tmp_path / f"{name}.ckpt", b"\x80\x02" + body + b"}.", {})
