@@ -10,7 +10,7 @@ import torch
 
 from . import loading
 from .errors import ConfigError, DeviceError, GenerationError, TokenizerError
-from .limits import MAX_SEED, MAX_STEPS, Limits, check_request_memory, generation_bytes
+from .limits import MAX_SAMPLES, MAX_SEED, MAX_STEPS, Limits, brief, check_request_memory, generation_bytes
 from .model import Denoiser, ModelConfig
 from .samplers import draws_needed, make_plan, run_plan
 
@@ -227,7 +227,7 @@ def sample_seed(seed: int, k: int) -> int:
 def _check_int(name, v, lo=1, hi=None):
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
         bound = f" and <= {hi}" if hi is not None else ""
-        raise GenerationError(f"{name} must be an int >= {lo}{bound}, got {v!r:.40}")
+        raise GenerationError(f"{name} must be an int >= {lo}{bound}, got {brief(v)}")
 
 
 def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, steps: int = 1,
@@ -298,12 +298,12 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
             x = noise[j].to(device=dev, dtype=torch.float32)
             return x @ model.denoiser.vocab_embed.embedding.float() if embedded else x
     else:
-        _check_int("num_samples", num_samples)
+        _check_int("num_samples", num_samples, 1, MAX_SAMPLES)
         length = cfg.length if seq_len is None else seq_len
         _check_int("seq_len", length, 1, cfg.length)
         b = num_samples
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            raise GenerationError(f"seed must be an int in [0, 2^64), got {seed!r:.40}")
+            raise GenerationError(f"seed must be an int in [0, 2^64), got {brief(seed)}")
         check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
                              f"generating {b} x {length} tokens (V={cfg.vocab_size})")
         shape = (b, length, cfg.hidden_size if embedded else cfg.vocab_size)

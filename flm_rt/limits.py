@@ -18,6 +18,7 @@ MODEL_BYTES_ENV = "FLM_RT_MAX_MODEL_BYTES"
 REQUEST_BYTES_ENV = "FLM_RT_MAX_REQUEST_BYTES"
 MAX_SEED = 2**64 - 1
 MAX_STEPS = 100_000
+MAX_SAMPLES = 1 << 20
 
 
 def _env_bytes(name: str, default: int) -> int:
