@@ -91,6 +91,20 @@ def regular_file(path: str, what: str = "file") -> int:
     return st.st_size
 
 
+def open_regular(path: str, what: str = "file"):
+    """Open ``path`` for reading only if it is a regular file, checked on the open descriptor (O_NONBLOCK: opening
+    a FIFO does not wait for a writer), so that nothing can be swapped in between the check and the read."""
+    regular_file(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: {what} is not a regular file; flm_rt reads regular files only")
+    return os.fdopen(fd, "rb")
+
+
 # ------------------------------------------------------------------------------------------ config values
 def config_int(value: Any, name: str, source: str, lo: int = 1, hi: Optional[int] = None) -> int:
     """An int as written (4.0, "4", True are refused, never coerced) within [lo, hi]."""

@@ -22,7 +22,7 @@ import torch
 from . import outputs
 from .errors import CheckpointError, ConfigError, NonFiniteWeightsError
 from .limits import (DEFAULT_LIMITS, Limits, brief, check_model_memory, config_int, config_unit_float, gib,
-                     regular_file)
+                     open_regular, regular_file)
 from .model import ModelConfig
 from .safe_pickle import LazyTensor, TorchZip, inert_to_plain
 
@@ -214,15 +214,17 @@ def _read_safetensors(path: str, keys) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: str, limits: Limits = DEFAULT_LIMITS) -> dict:
-    size = regular_file(path, "file")
-    if size > limits.max_json_bytes:
-        raise CheckpointError(f"{path}: {gib(size)}, above flm_rt's limit of {gib(limits.max_json_bytes)} "
-                              "for a JSON file")
+    with open_regular(path, "file") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limits.max_json_bytes:
+            raise CheckpointError(f"{path}: {gib(size)}, above flm_rt's limit of {gib(limits.max_json_bytes)} "
+                                  "for a JSON file")
+        try:
+            data = f.read(limits.max_json_bytes + 1)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        with open(path, "rb") as f:
-            d = json.loads(f.read(limits.max_json_bytes + 1).decode("utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        d = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(d, dict):

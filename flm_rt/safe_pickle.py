@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import CheckpointError, UnsafeCheckpointError
-from .limits import DEFAULT_LIMITS, Limits, brief, gib, regular_file
+from .limits import DEFAULT_LIMITS, Limits, brief, gib, open_regular
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -484,11 +484,7 @@ class TorchZip:
         self._read: dict[str, torch.Tensor] = {}
         self.bytes_read = 0
         self.archive: Optional[zipfile.ZipFile] = None
-        regular_file(path, "checkpoint")
-        try:
-            self._file = open(path, "rb")
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+        self._file = open_regular(path, "checkpoint")
         try:
             self._open()
         except BaseException:
