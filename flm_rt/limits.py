@@ -151,17 +151,32 @@ def available_memory(device=None) -> Optional[int]:
             return None
     if dev.type != "cpu":
         return None
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:  # in a container (cgroup v2 memory limit), what is left under the limit counts too
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        if cap != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                used = int(f.read().strip())
+            with open("/sys/fs/cgroup/memory.stat") as f:  # page cache the kernel can reclaim is not "used"
+                stats = dict(line.split()[:2] for line in f if line.strip())
+            used -= int(stats.get("inactive_file", 0))
+            avail = min(avail, max(0, int(cap) - used))
+    except (OSError, ValueError):
+        pass
+    return avail
 
 
 def check_model_memory(cfg, source: str, limits: Limits = DEFAULT_LIMITS) -> int:
