@@ -12,6 +12,7 @@ import torch
 
 from . import cuda_graphs, loading
 from .errors import CheckpointError, ConfigError, DeviceError, GenerationError, TokenizerError
+from .limits import MAX_SAMPLES, MAX_SEED, MAX_STEPS, Limits, brief, check_request_memory, generation_bytes
 from .model import Denoiser, ModelConfig
 from .samplers import draws_needed, make_plan, run_plan
 
@@ -129,11 +130,13 @@ class Model:
         _ = self.tokenizer
         return time.perf_counter() - t0
 
-    def save(self, dst: str, *, dtype=None) -> str:
-        """Write this model in the hub layout (``model.safetensors`` + ``config.json``, flm_rt metadata included)."""
+    def save(self, dst: str, *, dtype=None, overwrite: bool = False) -> str:
+        """Write this model in the hub layout (``model.safetensors`` + ``config.json``, flm_rt metadata included).
+        An existing ``dst`` is refused unless ``overwrite`` (and then only a folder flm_rt wrote is replaced)."""
         sd = {k: v for k, v in self.denoiser.state_dict().items()}
         return loading.write_flm_rt(dst, self.config, sd, dtype=None if dtype is None else resolve_dtype(dtype),
-                                    source=self.source, weights=self.weights, source_config=self.source_config)
+                                    source=self.source, weights=self.weights, source_config=self.source_config,
+                                    overwrite=overwrite)
 
     def info(self) -> dict:
         return {
@@ -171,7 +174,7 @@ def resolve_source(path: Union[str, os.PathLike], *, revision: Optional[str] = N
 
 def load(path: Union[str, os.PathLike], *, device=None, dtype=None, n_heads: Optional[int] = None,
          use_ema: bool = True, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-         local_files_only: bool = False, token=None) -> Model:
+         local_files_only: bool = False, token=None, limits: Optional[Limits] = None) -> Model:
     """Load a Hub name (``"david3684/FMLM-B-OWT"``, an alias such as ``"fmlm-owt"``), a Lightning ``.ckpt``, a hub
     directory (``model.safetensors`` + ``config.json``) or an flm_rt directory.
 
@@ -179,17 +182,18 @@ def load(path: Union[str, os.PathLike], *, device=None, dtype=None, n_heads: Opt
     ``huggingface_hub``; ``revision`` defaults to the pinned commit for the published models, ``local_files_only``
     (or ``HF_HUB_OFFLINE=1``) never touches the network. Checkpoints are untrusted: pickles are read without
     executing anything (see :mod:`flm_rt.safe_pickle`). EMA weights are used by default, as the reference samples
-    with them. ``n_heads`` overrides the config.
+    with them. ``n_heads`` overrides the config. ``limits``: what the file may cost (:class:`flm_rt.limits.Limits`;
+    default: sizes for the published models, model memory from env FLM_RT_MAX_MODEL_BYTES, else 32 GiB).
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     local, label = resolve_source(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
-    return _load_local(local, label, dev, dt, n_heads=n_heads, use_ema=use_ema)
+    return _load_local(local, label, dev, dt, n_heads=n_heads, use_ema=use_ema, limits=limits)
 
 
 def _load_local(local: str, label: str, device: torch.device, dtype: torch.dtype, *, n_heads: Optional[int] = None,
-                use_ema: bool = True) -> Model:
-    ck = loading.read_checkpoint(local, n_heads=n_heads, use_ema=use_ema)
+                use_ema: bool = True, limits: Optional[Limits] = None) -> Model:
+    ck = loading.read_checkpoint(local, n_heads=n_heads, use_ema=use_ema, limits=limits)
     return Model.from_state_dict(ck.config, ck.state_dict, device=device, dtype=dtype, source=label,
                                  format=ck.format, weights=ck.weights, notes=ck.notes,
                                  source_config=ck.source_config, path=local)
@@ -197,15 +201,16 @@ def _load_local(local: str, label: str, device: torch.device, dtype: torch.dtype
 
 def convert(src, dst, *, dtype=None, n_heads: Optional[int] = None, use_ema: bool = True,
             revision: Optional[str] = None, cache_dir: Optional[str] = None, local_files_only: bool = False,
-            token=None) -> str:
+            token=None, limits: Optional[Limits] = None, overwrite: bool = False) -> str:
     """Convert any supported checkpoint (or Hub name) to the hub layout (``model.safetensors`` + ``config.json``
-    with the source's training config and flm_rt's metadata; EMA weights only, no optimizer state). Atomic."""
+    with the source's training config and flm_rt's metadata; EMA weights only, no optimizer state). Atomic.
+    An existing ``dst`` is refused unless ``overwrite`` (and then only a folder flm_rt wrote is replaced)."""
     local, label = resolve_source(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                   token=token)
-    ck = loading.read_checkpoint(local, n_heads=n_heads, use_ema=use_ema)
+    ck = loading.read_checkpoint(local, n_heads=n_heads, use_ema=use_ema, limits=limits)
     return loading.write_flm_rt(os.fspath(dst), ck.config, ck.state_dict,
                                 dtype=None if dtype is None else resolve_dtype(dtype), source=label,
-                                weights=ck.weights, source_config=ck.source_config)
+                                weights=ck.weights, source_config=ck.source_config, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------- warm model cache
@@ -299,18 +304,24 @@ class Generation:
         return 1e3 * self.elapsed_s / max(self.num_tokens, 1)
 
 
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+_M64 = 2**64 - 1
 
 
 def sample_seed(seed: int, k: int) -> int:
-    """Seed of sample k's private generator: its draws depend on (seed, k) only, not on the batch size."""
-    return (seed * _MIX[0] + (k + 1) * _MIX[1]) % (2**63 - 1)
+    """Seed of sample k's private generator: its draws depend on (seed, k) only, not on the batch size.
+    splitmix64 of seed + (k+1) * golden ratio: a bijection of [0, 2^64) for each k, so distinct seeds give
+    distinct generator seeds, and every bit of the seed reaches the low 32 bits (all that PyTorch's CPU
+    mt19937 uses)."""
+    z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 def _check_int(name, v, lo=1, hi=None):
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
         bound = f" and <= {hi}" if hi is not None else ""
-        raise GenerationError(f"{name} must be an int >= {lo}{bound}, got {v!r}")
+        raise GenerationError(f"{name} must be an int >= {lo}{bound}, got {brief(v)}")
 
 
 def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, steps: int = 1,
@@ -350,7 +361,7 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     if callback is not None and not callable(callback):
         raise GenerationError(f"callback must be callable(step, t, ids), got {type(callback).__name__}")
     cfg = model.config
-    _check_int("steps", steps)
+    _check_int("steps", steps, 1, MAX_STEPS)
     if stochasticity is None:
         stochasticity = cfg.default_stochasticity
     if isinstance(stochasticity, bool) or not isinstance(stochasticity, (int, float)) or not 0.0 <= stochasticity <= 1.0:
@@ -371,6 +382,8 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         if not isinstance(noise, torch.Tensor) or noise.dim() != 4:
             raise GenerationError(f"noise must be a float tensor [S, B, L, V], got "
                                   f"{type(noise).__name__}{list(noise.shape) if isinstance(noise, torch.Tensor) else ''}")
+        if noise.device.type == "meta":
+            raise GenerationError("noise is a meta tensor (no data); pass real draws")
         if not noise.is_floating_point():
             raise GenerationError(f"noise must be floating point (standard-normal draws), got {noise.dtype}")
         s_, b_, l_, v_ = noise.shape
@@ -391,6 +404,8 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         if not bool(torch.isfinite(noise[:need].sum())) and not bool(torch.isfinite(noise[:need]).all()):
             raise GenerationError("noise contains NaN or infinite values")
         b, length = b_, l_
+        check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
+                             f"generating {b} x {length} tokens (V={cfg.vocab_size})")
 
         def draw(j: int) -> torch.Tensor:
             x = noise[j].to(device=dev, dtype=torch.float32)
@@ -405,10 +420,14 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
             if any(g.device.type != dev.type for g in generator):
                 raise GenerationError(f"per-sample generators must be on the model's device ({dev})")
             num_samples = len(generator)
-        _check_int("num_samples", num_samples)
+        _check_int("num_samples", num_samples, 1, MAX_SAMPLES)
         length = cfg.length if seq_len is None else seq_len
         _check_int("seq_len", length, 1, cfg.length)
         b = num_samples
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise GenerationError(f"seed must be an int in [0, 2^64), got {brief(seed)}")
+        check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
+                             f"generating {b} x {length} tokens (V={cfg.vocab_size})")
         shape = (b, length, cfg.hidden_size if embedded else cfg.vocab_size)
         factor = model.embedded_noise_factor() if embedded else None
 
@@ -426,8 +445,6 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
             else:
                 if seed is None:
                     seed = int.from_bytes(os.urandom(7), "little")
-                if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                    raise GenerationError(f"seed must be a non-negative int, got {seed!r}")
                 gens = [torch.Generator(device=dev).manual_seed(sample_seed(seed, k)) for k in range(b)]
 
             draw = cuda_graphs.seeded_draw(gens, shape, dev, finish if embedded else None)

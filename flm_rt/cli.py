@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .errors import FlmError, GenerationError
+from .errors import CheckpointError, FlmError, GenerationError
 
 DEMO_DIR_ENV = "FLM_RT_DEMO_MODEL"
 
@@ -121,7 +121,7 @@ def cmd_convert(args) -> int:
     from .api import convert
 
     out = convert(args.src, args.dst, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema,
-                  **_hub_kwargs(args))
+                  overwrite=args.overwrite, **_hub_kwargs(args))
     print(f"wrote {out}")
     return 0
 
@@ -176,10 +176,20 @@ def demo_model_path() -> str:
     path = os.environ.get(DEMO_DIR_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flm_rt", "demo-random-gpt2-v1")
     if not os.path.isdir(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the demo model's folder {os.path.dirname(path)}: "
+                                  f"{e.strerror or e}") from None
         cfg = ModelConfig(vocab_size=50258, length=128, hidden_size=128, n_blocks=2, n_heads=4, cond_dim=64,
                           two_time=True, tokenizer="gpt2")
-        random_model(cfg, seed=0, device="cpu", output_scale=8.0).save(path)
+        try:
+            random_model(cfg, seed=0, device="cpu", output_scale=8.0).save(path)
+        except CheckpointError:
+            from .loading import written_by_flm_rt
+
+            if not written_by_flm_rt(path):  # not another process's finished copy
+                raise
     return path
 
 
@@ -241,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-heads", type=int, default=None)
     c.add_argument("--no-ema", action="store_true")
     _add_hub_args(c)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing flm_rt model at DST")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="architecture, parameter count, tokenizer, formats")
@@ -277,25 +288,37 @@ _DELEGATED = {"export": ("flm_rt.export", "cli_export"), "bench": ("flm_rt.bench
               "profile": ("flm_rt.profiling", "cli_profile"), "serve": ("flm_rt.serving.server", "cli_serve")}
 
 
+def _run_reporting(func, *args) -> int:
+    """The CLI's one error path: FlmError (bad input) -> one line, exit 2; anything else is a bug in flm_rt ->
+    one line asking for a report, exit 1 (FLM_RT_DEBUG=1 shows the traceback)."""
+    try:
+        return func(*args)
+    except FlmError as e:
+        print(f"flm-rt: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except MemoryError:
+        print("flm-rt: error: out of memory; use a smaller request (fewer samples, shorter seq_len)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if os.environ.get("FLM_RT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"flm-rt: internal error: {type(e).__name__}: {first} (this is a bug in flm_rt; please report it with "
+              "the command line; FLM_RT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:  # their own parsers take every option (argparse REMAINDER would not)
         import importlib
 
         module, func = _DELEGATED[argv[0]]
-        try:
-            return getattr(importlib.import_module(module), func)(argv[1:])
-        except FlmError as e:
-            print(f"flm-rt: error: {e}", file=sys.stderr)
-            return 2
+        return _run_reporting(lambda: getattr(importlib.import_module(module), func)(argv[1:]))
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FlmError as e:
-        print(f"flm-rt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return _run_reporting(args.func, args)
 
 
 if __name__ == "__main__":

@@ -292,10 +292,15 @@ def _check_model(model) -> None:
             raise ExportError(f"cannot export: parameter {name} has no data (meta tensor); load real weights")
 
 
-def _check_output_path(path: str) -> str:
+def _check_output_path(path: str, overwrite: bool = False) -> str:
+    from .outputs import check_destination
+
     path = os.fspath(path)
     if not path or os.path.isdir(path):
         raise ExportError(f"output path {path!r} is a directory; give a file name such as model.onnx")
+    for p in (path, path + ".json"):  # the same rule as convert: refuse, or replace only a previous export
+        check_destination(p, overwrite=overwrite, error=ExportError, hint="pass overwrite=True (--overwrite)",
+                          replaceable=os.path.isfile)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ExportError(f"output directory {parent} does not exist; create it first")
@@ -424,7 +429,7 @@ def _param_bytes(module: nn.Module) -> int:
 def export(model, path, *, format: str = "onnx", what: str = "generate", steps: int = 1,
            stochasticity: float = 0.0, batch: Optional[int] = None, seq_len: Optional[int] = None, dtype=None,
            opset: Optional[int] = None, self_noise: bool = False, onnx_attention: Optional[str] = None,
-           progress: bool = False) -> str:
+           progress: bool = False, overwrite: bool = False) -> str:
     """Export ``model`` (an :class:`flm_rt.Model`) to ``path``; returns ``path``. Also writes ``<path>.json``.
 
     format: "onnx" (torch.onnx dynamo exporter, standard ops, opset >= 18), "torchscript" (torch.jit.trace, saved
@@ -436,6 +441,7 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
     self_noise: generate graph draws its own Gaussian noise; input ``batch_like int64 [B]``.
     onnx_attention: "decomposed" (default) or "attention" (the opset-23 Attention op with softcap).
     progress: a tqdm bar over the stages (prepare, export, write); the export stage is the long one (10-60 s).
+    overwrite: replace an existing ``path`` (default: refuse it, as convert does).
     """
     from .samplers import make_plan
 
@@ -456,7 +462,7 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
                           "map onto standard ONNX ops. Use format='aoti' or 'torchscript' for bf16/fp16")
     if use_attention:
         opset = max(opset or 23, 23)
-    path = _check_output_path(path)
+    path = _check_output_path(path, overwrite)
     length = seq_len or cfg.length
     plan = make_plan(two_time=cfg.two_time, steps=steps, stochasticity=stochasticity,
                      vocab_size=cfg.vocab_size) if what == "generate" else ()
@@ -584,7 +590,7 @@ def load_exported(path, *, threads: Optional[int] = None):
             module = torch.jit.load(path)
         return module.forward
     if fmt == "aoti":
-        os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+        os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"  # always: unchecked, a wrong shape is read past its end
         from torch._inductor import aoti_load_package
 
         return aoti_load_package(path)
@@ -647,6 +653,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a bar over the export stages (default: on in a terminal)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (and OUT.json)")
     return p
 
 
@@ -662,7 +669,8 @@ def cli_export(argv: Sequence[str]) -> int:
     out = export(model, args.out, format=args.format, what=args.what, steps=args.steps, stochasticity=s,
                  batch=args.batch, seq_len=args.seq_len, dtype=args.dtype, opset=args.opset,
                  self_noise=args.self_noise, onnx_attention=args.onnx_attention,
-                 progress=sys.stderr.isatty() if args.progress is None else args.progress)
+                 progress=sys.stderr.isatty() if args.progress is None else args.progress,
+                 overwrite=args.overwrite)
     print(f"wrote {out} (+ {out}.json): {args.format} {args.what}"
           + (f", {args.steps} step(s), stochasticity {s}" if args.what == "generate" else "")
           + f" in {time.perf_counter() - t0:.1f} s", file=sys.stdout)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nvtx, prepack
+from .limits import brief
 
 ATTN_SOFTCAP = 50.0
 LOGIT_SOFTCAP = 30.0
@@ -42,13 +43,20 @@ class ModelConfig:
         for name in ("vocab_size", "length", "hidden_size", "n_blocks", "n_heads", "cond_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {brief(v)}")
         if self.hidden_size % self.n_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
         if (self.hidden_size // self.n_heads) % 2:
             raise ValueError(f"head size {self.hidden_size // self.n_heads} must be even for rotary embeddings")
-        if not 0.0 <= float(self.default_stochasticity) <= 1.0:
-            raise ValueError(f"default_stochasticity must lie in [0, 1], got {self.default_stochasticity}")
+        s = self.default_stochasticity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+            raise ValueError(f"default_stochasticity must be a number in [0, 1], got {brief(s)}")
+        if not isinstance(self.two_time, bool):
+            raise ValueError(f"ModelConfig.two_time must be true or false, got {brief(self.two_time)}")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise ValueError(f"ModelConfig.tokenizer must be a string or null, got {type(self.tokenizer).__name__}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"ModelConfig.extra must be a mapping, got {type(self.extra).__name__}")
 
     @property
     def head_dim(self) -> int:

@@ -42,6 +42,7 @@ from typing import Optional, Union
 import torch
 
 from . import _ext
+from .errors import ConfigError, DeviceError
 
 __all__ = [
     "flow_map_step",
@@ -160,7 +161,7 @@ def _requested_backend(backend: Optional[str]) -> str:
     b = backend if backend is not None else (os.environ.get("FLM_RT_KERNELS", "auto").strip().lower() or "auto")
     if b not in BACKENDS:
         src = "backend" if backend is not None else "FLM_RT_KERNELS"
-        raise ValueError(f"flm_rt: {src} must be one of {', '.join(BACKENDS)}; got {b!r}")
+        raise ConfigError(f"flm_rt: {src} must be one of {', '.join(BACKENDS)}; got {b!r}")
     return b
 
 
@@ -192,13 +193,13 @@ def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: st
     dtypes = STEP_LOGITS_DTYPES if op.startswith("flow_map_step") else ARGMAX_DTYPES
     if b == "ext":
         if not _ext.EXT_LOADED:
-            raise RuntimeError(f"flm_rt: backend 'ext' requested for {op} but the compiled extension is not loaded "
+            raise DeviceError(f"flm_rt: backend 'ext' requested for {op} but the compiled extension is not loaded "
                                f"({_ext.EXT_ERROR})")
         if not _ext.has_kernel(op, dev):
-            raise RuntimeError(f"flm_rt: backend 'ext' requested for {op} but flm_rt._C has no {dev} kernel "
+            raise DeviceError(f"flm_rt: backend 'ext' requested for {op} but flm_rt._C has no {dev} kernel "
                                f"(built: {_ext.build_info().get('ops', {}).get(op)})")
         if dtype not in dtypes:
-            raise RuntimeError(f"flm_rt: backend 'ext' requested for {op} but its kernels take "
+            raise DeviceError(f"flm_rt: backend 'ext' requested for {op} but its kernels take "
                                f"{', '.join(str(d) for d in dtypes)}, got {dtype}")
         return "ext"
     if _ext.EXT_LOADED and dtype in dtypes and _ext.has_kernel(op, dev) and not _tracing():

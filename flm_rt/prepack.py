@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .ops import _tracing as _ops_tracing
 
 __all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_inference"]
@@ -43,7 +44,7 @@ def is_enabled() -> bool:
     if _ENABLED is None:
         v = os.environ.get("FLM_RT_PREPACK", "1").strip().lower()
         if v not in ("0", "1", "false", "true", "off", "on", ""):
-            raise ValueError(f"flm_rt: FLM_RT_PREPACK must be 0 or 1, got {v!r}")
+            raise ConfigError(f"flm_rt: FLM_RT_PREPACK must be 0 or 1, got {v!r:.40}")
         _ENABLED = v not in ("0", "false", "off")
     return _ENABLED and _HAVE_ONEDNN_LINEAR
 

@@ -86,3 +86,13 @@ def poison():
     def make(*shape, dtype=torch.float32):
         return torch.full(shape, float("nan"), dtype=dtype)
     return make
+
+
+@pytest.fixture(scope="session")
+def loader_worker():
+    """A process that loads untrusted files one at a time, with a time and memory limit per case (tests/hostile.py)."""
+    from hostile import Worker
+
+    w = Worker()
+    yield w
+    w.close()

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -392,6 +393,62 @@ def test_run_torch_package_aoti_standalone(art, vectors, noise_npy, no_flm_rt_en
     np.save(bad, vectors["noises"][:, :, :, :999].numpy())
     r = _consume("run_torch_package.py", path, no_flm_rt_env, "--noise", bad, expect_ok=False)
     assert r.returncode != 0 and "999" in r.stderr
+    # ... even when the environment turns the package's own checks off: the consumer checks every input
+    env, cwd = no_flm_rt_env
+    r = _consume("run_torch_package.py", path, ({**env, "AOTI_RUNTIME_CHECK_INPUTS": "0"}, cwd), "--noise", bad,
+                 expect_ok=False)
+    assert r.returncode == 2 and "999" in r.stderr and "Traceback" not in r.stderr
+    # batch 1 (the README's example): a dynamic-batch package takes B >= 2; the consumer runs the sample twice
+    one = no_flm_rt_env[1] / "one-noise.npy"
+    np.save(one, vectors["noises"][:, :1].numpy())
+    out = _consume("run_torch_package.py", path, no_flm_rt_env, "--noise", one, "--json")
+    assert out["token_ids"] == _golden_ids(vectors, "fmlm", 4, 1.0)[:1].tolist()
+    out = _consume("run_torch_package.py", path, no_flm_rt_env, "--json")
+    assert len(out["token_ids"]) == 1
+
+
+def _assert_refused(r, match):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and re.search(match, r.stderr), r.stderr[-2000:]
+
+
+def test_run_onnx_refuses_bad_input(art, vectors, no_flm_rt_env, workdir):
+    """Batch-0, NaN and wrong-shaped noise, --batch 0, missing, truncated and foreign files: exit 2, one line."""
+    path = art.get("onnx", "fmlm", "generate", 1, 0.0)
+    d = workdir / "bad-onnx"
+    d.mkdir(exist_ok=True)
+    noises = vectors["noises"][:1].numpy()
+    cases = {"empty": noises[:, :0], "nan": np.where(np.arange(noises.shape[-1]) == 7, np.nan, noises),
+             "short": noises[:, :, :5]}
+    for name, arr in cases.items():
+        np.save(d / f"{name}.npy", arr)
+    run = lambda *a: _consume("run_onnx.py", *a, expect_ok=False)  # noqa: E731
+    _assert_refused(run(path, no_flm_rt_env, "--noise", d / "empty.npy"), "B >= 1")
+    _assert_refused(run(path, no_flm_rt_env, "--noise", d / "nan.npy"), "NaN")
+    _assert_refused(run(path, no_flm_rt_env, "--noise", d / "short.npy"), "L = 32")
+    _assert_refused(run(path, no_flm_rt_env, "--batch", "0"), r"--batch: must be in \[1, 65536\]")
+    _assert_refused(run(d / "missing.onnx", no_flm_rt_env), "not found")
+    cut = d / "cut.onnx"
+    cut.write_bytes(Path(path).read_bytes()[:5000])
+    shutil.copy(str(path) + ".json", str(cut) + ".json")
+    _assert_refused(run(cut, no_flm_rt_env), "cannot load .*cut.onnx")
+    Path(str(cut) + ".json").write_text("{not json")
+    _assert_refused(run(cut, no_flm_rt_env), "cannot read the sidecar")
+
+
+def test_run_torch_package_refuses_bad_input(art, vectors, no_flm_rt_env, workdir):
+    path = art.get("torchscript", "fmlm", "generate", 1, 0.0)
+    d = workdir / "bad-ts"
+    d.mkdir(exist_ok=True)
+    noises = vectors["noises"][:1].numpy()
+    np.save(d / "nan.npy", np.where(np.arange(noises.shape[-1]) == 7, np.nan, noises))
+    run = lambda *a: _consume("run_torch_package.py", *a, expect_ok=False)  # noqa: E731
+    _assert_refused(run(path, no_flm_rt_env, "--noise", d / "nan.npy"), "NaN")
+    _assert_refused(run(path, no_flm_rt_env, "--batch", "0"), r"--batch: must be in \[1, 65536\]")
+    cut = d / "cut.pt"
+    cut.write_bytes(Path(path).read_bytes()[:3000])
+    shutil.copy(str(path) + ".json", str(cut) + ".json")
+    _assert_refused(run(cut, no_flm_rt_env), "cannot load .*cut.pt")
 
 
 def test_run_onnx_gpt2_text(workdir, no_flm_rt_env):
@@ -433,6 +490,16 @@ def test_cpp_torchscript_consumer(art, background, vectors, workdir):
     # wrong shape: the in-graph check of the TorchScript module reports it
     bad = subprocess.run([str(exe), str(path), "--seed", "5", "--vocab", "999"], capture_output=True, text=True)
     assert bad.returncode != 0 and "noise must be" in bad.stderr
+    # bad arguments: exit 2 and a message, never an abort (134)
+    for args, match in ((["--seed", "abc"], "--seed takes an integer"), (["--batch", "1e3"], "--batch takes"),
+                        (["--batch", "999999999999"], "--batch takes an integer in \\[1, 65536\\]"),
+                        (["--batch", "65536", "--draws", "64", "--vocab", "50258"], "too large"),
+                        (["--length"], "missing value")):
+        r = subprocess.run([str(exe), str(path), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and re.search(match, r.stderr), (args, r.returncode, r.stderr)
+    r = subprocess.run([str(exe), str(workdir / "missing.pt"), "--draws", "1", "--length", "4", "--vocab", "8"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot open model file" in r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------------------------------- self-noise

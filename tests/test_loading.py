@@ -234,7 +234,7 @@ def test_convert_roundtrip_and_atomicity(golden_dir, tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(st, "save_file", boom)
     target = tmp_path / "never"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full"):
         flm_rt.convert(golden_dir / "fmlm.ckpt", target)
     assert not target.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".flm_rt-convert-")]

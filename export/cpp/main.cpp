@@ -6,12 +6,14 @@
 // unless given on the command line. Noise: --noise FILE.raw holds S*B*L*V little-endian float32 values in
 // [S, B, L, V] order (e.g. numpy's arr.astype('<f4').tofile()); otherwise it is drawn with torch::randn after
 // torch::manual_seed(seed) (deterministic for a given libtorch build). Output: one line of space-separated token
-// ids per sample on stdout; timings on stderr. Exit status 1 with a message on any error.
+// ids per sample on stdout; timings on stderr. Exit status 2 with a one-line message on bad arguments or files
+// (non-numeric or out-of-range numbers, a noise request too large, a missing model), 1 on other errors.
 #include <torch/script.h>
 #include <torch/torch.h>
 
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -30,11 +32,28 @@ struct Options {
   int64_t draws = -1, length = -1, vocab = -1;
 };
 
-[[noreturn]] void usage(const std::string& why) {
+constexpr int64_t kMaxBatch = 65536;
+constexpr int64_t kMaxNoiseElements = int64_t{1} << 33;  // 32 GiB of float32: refuse larger requests up front
+
+[[noreturn]] void usage(const std::string& why, int status = 2) {
   std::cerr << "flm_rt_run: " << why << "\n"
             << "usage: flm_rt_run MODEL.pt [--noise FILE.raw] [--seed N] [--batch B] [--draws S] [--length L] "
                "[--vocab V]\n";
-  std::exit(1);
+  std::exit(status);
+}
+
+// A whole-string decimal integer in [lo, hi], or a usage error naming the option (never an uncaught exception).
+int64_t parse_int(const std::string& opt, const std::string& text, int64_t lo, int64_t hi) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || v < lo || v > hi)
+    usage(opt + " takes an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" + text + "'");
+  return v;
 }
 
 // The sidecar is flat JSON written by flm_rt; only a few integer fields at its top level are needed here.
@@ -60,13 +79,14 @@ Options parse(int argc, char** argv) {
       if (i + 1 >= argc) usage("missing value after " + a);
       return argv[++i];
     };
+    const int64_t big = std::numeric_limits<int32_t>::max();
     if (a == "--noise") o.noise_file = value();
-    else if (a == "--seed") o.seed = std::stoll(value());
-    else if (a == "--batch") o.batch = std::stoll(value());
-    else if (a == "--draws") o.draws = std::stoll(value());
-    else if (a == "--length") o.length = std::stoll(value());
-    else if (a == "--vocab") o.vocab = std::stoll(value());
-    else if (a == "-h" || a == "--help") usage("help");
+    else if (a == "--seed") o.seed = parse_int(a, value(), 0, std::numeric_limits<int64_t>::max());
+    else if (a == "--batch") o.batch = parse_int(a, value(), 1, kMaxBatch);
+    else if (a == "--draws") o.draws = parse_int(a, value(), 1, big);
+    else if (a == "--length") o.length = parse_int(a, value(), 1, big);
+    else if (a == "--vocab") o.vocab = parse_int(a, value(), 1, big);
+    else if (a == "-h" || a == "--help") usage("help", 0);
     else if (!a.empty() && a[0] == '-') usage("unknown option " + a);
     else if (o.model.empty()) o.model = a;
     else usage("more than one model given");
@@ -83,8 +103,17 @@ Options parse(int argc, char** argv) {
     if (o.batch < 0) o.batch = json_int(text, "batch", -1);
   }
   if (o.batch < 0) o.batch = 1;
-  if (o.draws < 1 || o.length < 1 || o.vocab < 1)
-    usage("shapes unknown: no sidecar " + o.model + ".json and no --draws/--length/--vocab");
+  if (o.draws < 1 || o.length < 1 || o.vocab < 1 || o.batch > kMaxBatch)
+    usage("shapes unknown or invalid: no sidecar " + o.model + ".json and no --draws/--length/--vocab");
+  // S * B * L * V without overflow: each factor is below 2^31, so check step by step against the limit
+  int64_t n = 1;
+  for (int64_t f : {o.draws, o.batch, o.length, o.vocab}) {
+    if (n > kMaxNoiseElements / f)
+      usage("the noise [S, B, L, V] = [" + std::to_string(o.draws) + ", " + std::to_string(o.batch) + ", " +
+            std::to_string(o.length) + ", " + std::to_string(o.vocab) + "] is too large; use a smaller --batch");
+    n *= f;
+  }
+  if (!std::ifstream(o.model)) usage("cannot open model file " + o.model);
   return o;
 }
 
