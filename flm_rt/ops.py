@@ -343,11 +343,15 @@ def vocab_chunk(chunk: Optional[int] = None) -> int:
     return n
 
 
-def _pass_prepacked() -> bool:
-    """Whether the kernel may use (and cache) oneDNN-reordered weight chunks: as flm_rt.prepack decides."""
+def _pass_prepacked(dtype: torch.dtype) -> bool:
+    """Whether the kernel may use (and cache) oneDNN-reordered weight chunks: as flm_rt.prepack decides, for fp32,
+    and for bf16 where the CPU has native bf16 (oneDNN refuses to reorder bf16 weights below AVX512-BW)."""
     from . import prepack  # (prepack imports this module)
+    from .cpu_features import native_bf16
 
-    return prepack.is_enabled() and not torch.is_grad_enabled() and not prepack._tracing()
+    if not prepack.is_enabled() or torch.is_grad_enabled() or prepack._tracing():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
 
 
 def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -359,7 +363,8 @@ def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     y [..., D] and weight [V, D] (bias [V]) share one dtype; values have that dtype."""
     if kernels_backend(y.device, y.dtype, "vocab_pass_argmax", backend) == "torch":
         return vocab_pass_argmax_reference(y, weight, bias, cap)
-    return torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, float(cap), vocab_chunk(chunk), _pass_prepacked())
+    return torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, float(cap), vocab_chunk(chunk),
+                                              _pass_prepacked(y.dtype))
 
 
 def vocab_pass_embed(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,
@@ -369,4 +374,4 @@ def vocab_pass_embed(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if kernels_backend(y.device, y.dtype, "vocab_pass_embed", backend) == "torch":
         return vocab_pass_embed_reference(y, weight, bias, embed, cap)
     return torch.ops.flm_rt.vocab_pass_embed(y, weight, bias, embed, float(cap), vocab_chunk(chunk),
-                                             _pass_prepacked())
+                                             _pass_prepacked(y.dtype))

@@ -103,6 +103,10 @@ bool can_prepack(const at::Tensor& w) {
          (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16);
 }
 
+// The packed chunks, or nullptr where oneDNN refuses (e.g. bf16 weights on a CPU or ISA cap without AVX512-BW):
+// the pass then runs on plain GEMMs.
+const std::vector<at::Tensor>* try_packed_chunks(const at::Tensor& w, int64_t chunk, bool transposed);
+
 at::Tensor reorder_linear_weight(const at::Tensor& w_out_in) {
   std::vector<c10::IValue> stack{w_out_in.contiguous(), c10::IValue()};
   mkldnn_ops().reorder->callBoxed(stack);
@@ -143,6 +147,15 @@ const std::vector<at::Tensor>& packed_chunks(const at::Tensor& w, int64_t chunk,
   return cache.insert_or_assign(w.unsafeGetTensorImpl(), std::move(entry)).first->second.packed;
 }
 
+const std::vector<at::Tensor>* try_packed_chunks(const at::Tensor& w, int64_t chunk, bool transposed) {
+  if (!can_prepack(w)) return nullptr;
+  try {
+    return &packed_chunks(w, chunk, transposed);
+  } catch (const c10::Error&) {
+    return nullptr;
+  }
+}
+
 // ------------------------------------------------------------------------------------------- chunk GEMMs
 struct ChunkedProjection {
   at::Tensor y2;  // [R, D] contiguous
@@ -155,7 +168,7 @@ struct ChunkedProjection {
                     bool prepacked, const PassShape& s)
       : y2(y.reshape({s.rows, s.D}).contiguous()), weight(w), V(s.V), chunk(std::min(chunk_, s.V)) {
     if (b.has_value() && b->defined()) bias = b->contiguous();
-    if (prepacked && can_prepack(w)) packed = &packed_chunks(w, chunk, /*transposed=*/false);
+    if (prepacked) packed = try_packed_chunks(w, chunk, /*transposed=*/false);
   }
   int64_t count() const { return (V + chunk - 1) / chunk; }
   int64_t begin(int64_t k) const { return k * chunk; }
@@ -248,7 +261,7 @@ at::Tensor vocab_pass_embed_cpu(const at::Tensor& y, const at::Tensor& weight, c
   const ChunkedProjection proj(y, weight, bias, chunk, prepacked, s);
   const at::Tensor E = embed.contiguous();
   const std::vector<at::Tensor>* e_packed =
-      (prepacked && can_prepack(embed)) ? &packed_chunks(embed, proj.chunk, /*transposed=*/true) : nullptr;
+      prepacked ? try_packed_chunks(embed, proj.chunk, /*transposed=*/true) : nullptr;
 
   const auto f32 = y.options().dtype(at::kFloat);
   at::Tensor m = at::full({s.rows}, -std::numeric_limits<float>::infinity(), f32);  // running max
