@@ -6,7 +6,8 @@
 //           then a merge into the running (index, value) with torch.max's rules (first NaN wins, ties -> lowest
 //           index, hence "strictly greater" for later chunks);
 //   embed:  soft-cap in float32, then an online softmax (running max m and sum l, as flash attention), the
-//           unnormalised exp(chunk - m) multiplied into the running softmax @ E accumulator.
+//           unnormalised exp(chunk - m) multiplied into the running softmax @ E accumulator; with a cap <= 60
+//           the shift is the cap itself (the capped logits are bounded), so no running max is needed.
 //
 // The GEMMs are ATen's: the oneDNN linear on weight chunks reordered once into oneDNN's blocked layout and
 // cached here (when `prepacked` and torch has the mkldnn ops), else at::addmm / at::mm (MKL or oneDNN, as torch
@@ -268,10 +269,23 @@ at::Tensor vocab_pass_embed_cpu(const at::Tensor& y, const at::Tensor& weight, c
   at::Tensor l = at::zeros({s.rows}, f32);                                          // running sum of exp(x - m)
   at::Tensor acc = at::zeros({s.rows, De}, f32);                                    // running sum of exp(x - m) E
   const at::Tensor one = at::ones({}, f32), zero = at::zeros({}, f32);
+  // With 0 < cap <= 60 the capped logits lie in [-cap, cap], so exp(x - cap) in [e^-120, 1] needs no running max
+  // (for the cap of 30: >= e^-60 ~ 8.8e-27, a normal float), as in flow_map_step: fewer passes per chunk.
+  const bool fixed_shift = cap > 0 && cap <= kFixedShiftMaxCap;
   for (int64_t c = 0; c < proj.count(); ++c) {
     at::Tensor x = proj.logits(c);
     x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
     if (cap > 0) x.div_(cap).tanh_().mul_(cap);
+    if (fixed_shift) {
+      x.sub_(cap).exp_();  // NaN logits stay NaN and make the row NaN, as torch.softmax
+      l.add_(x.sum(1));
+      if (e_packed) {
+        acc.add_(packed_linear(x, (*e_packed)[c], std::nullopt));
+      } else {
+        acc.addmm_(x, E.narrow(0, proj.begin(c), proj.width(c)));
+      }
+      continue;
+    }
     const at::Tensor m_new = at::maximum(m, at::amax(x, {1}));  // NaN propagates
     // rescale of the old terms: 1 where the max did not move (also -inf -> -inf), NaN stays NaN
     const at::Tensor scale = at::where(m == m_new, one, at::exp(m - m_new));
