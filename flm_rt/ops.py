@@ -71,9 +71,12 @@ BACKENDS = ("auto", "torch", "ext")
 STEP_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ARGMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PASS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Vocabulary entries per chunk of the fused pass: a [rows, chunk] logits block (2 MiB at 128 rows) and a
-# [chunk, D] weight slice; 4096 ran the LM1B output projection faster than the whole [128, 30522] product.
-DEFAULT_VOCAB_CHUNK = 4096
+# Vocabulary entries per chunk of the fused pass, by default as many as keep the [rows, chunk] fp32 logits block
+# within VOCAB_CHUNK_BYTES (at least MIN_VOCAB_CHUNK): few, large GEMMs where rows are few (on the AVX-512/AMX
+# development machine chunking the LM1B [128, 30522] product only added overhead), bounded memory where they are
+# many (OWT, L 1024: 4096 entries, 16 MiB instead of 196 MiB).
+VOCAB_CHUNK_BYTES = 16 << 20
+MIN_VOCAB_CHUNK = 2048
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,9 +333,11 @@ def vocab_argmax(x: torch.Tensor, *, backend: Optional[str] = None) -> tuple[tor
     return torch.ops.flm_rt.vocab_argmax(x)
 
 
-def vocab_chunk(chunk: Optional[int] = None) -> int:
-    """The fused pass's chunk: ``chunk``, else env ``FLM_RT_VOCAB_CHUNK``, else DEFAULT_VOCAB_CHUNK."""
-    v = chunk if chunk is not None else os.environ.get("FLM_RT_VOCAB_CHUNK", "").strip() or DEFAULT_VOCAB_CHUNK
+def vocab_chunk(chunk: Optional[int] = None, rows: int = 1) -> int:
+    """The fused pass's chunk: ``chunk``, else env ``FLM_RT_VOCAB_CHUNK``, else sized for ``rows`` rows (see
+    VOCAB_CHUNK_BYTES)."""
+    default = max(MIN_VOCAB_CHUNK, VOCAB_CHUNK_BYTES // (4 * max(int(rows), 1)) // 256 * 256)
+    v = chunk if chunk is not None else os.environ.get("FLM_RT_VOCAB_CHUNK", "").strip() or default
     try:
         n = int(v)
     except (TypeError, ValueError):
@@ -363,7 +368,8 @@ def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     y [..., D] and weight [V, D] (bias [V]) share one dtype; values have that dtype."""
     if kernels_backend(y.device, y.dtype, "vocab_pass_argmax", backend) == "torch":
         return vocab_pass_argmax_reference(y, weight, bias, cap)
-    return torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, float(cap), vocab_chunk(chunk),
+    rows = y.numel() // max(y.shape[-1], 1)
+    return torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, float(cap), vocab_chunk(chunk, rows),
                                               _pass_prepacked(y.dtype))
 
 
@@ -373,5 +379,6 @@ def vocab_pass_embed(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     vocabulary chunks (compiled kernel); embed float32 [V, De]."""
     if kernels_backend(y.device, y.dtype, "vocab_pass_embed", backend) == "torch":
         return vocab_pass_embed_reference(y, weight, bias, embed, cap)
-    return torch.ops.flm_rt.vocab_pass_embed(y, weight, bias, embed, float(cap), vocab_chunk(chunk),
+    rows = y.numel() // max(y.shape[-1], 1)
+    return torch.ops.flm_rt.vocab_pass_embed(y, weight, bias, embed, float(cap), vocab_chunk(chunk, rows),
                                              _pass_prepacked(y.dtype))

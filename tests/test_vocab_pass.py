@@ -228,6 +228,11 @@ def test_bf16_ids_with_the_pass_on_and_off(golden_dir, vectors, monkeypatch):
     assert (ids["1"] == vectors["fmlm.bf16autocast.g0.0.steps4.ids"]).float().mean() >= 0.95
 
 
+def test_default_chunk_bounds_the_block():
+    assert ops.vocab_chunk(rows=128) == 32768 and ops.vocab_chunk(rows=1024) == 4096
+    assert ops.vocab_chunk(rows=10**6) == ops.MIN_VOCAB_CHUNK and ops.vocab_chunk(7, rows=128) == 7
+
+
 def test_switch_is_validated(monkeypatch):
     monkeypatch.setenv("FLM_RT_FUSED_VOCAB", "maybe")
     with pytest.raises(ValueError, match="FLM_RT_FUSED_VOCAB"):
@@ -235,10 +240,12 @@ def test_switch_is_validated(monkeypatch):
     assert samplers.fused_vocab_pass(False) is False
 
 
-def test_peak_memory_does_not_hold_the_logits():
+def test_peak_memory_does_not_hold_the_logits(monkeypatch):
     """Peak resident growth of a 1-step embedding-space generate, each in a fresh process (kernel high-water mark):
-    without the pass it holds the [B, L, V] logits (30.7 MB here), with it only [B, L, chunk] blocks."""
+    without the pass it holds the [B, L, V] logits (30.7 MB here), with it only [B, L, chunk] blocks (2 MB)."""
     from flm_rt.benchmarks.memory import measure
+
+    monkeypatch.setenv("FLM_RT_VOCAB_CHUNK", "4096")  # (the default would take 32768 entries for 128 rows)
 
     shape = dict(vocab_size=60000, length=128, hidden_size=32, n_blocks=1, n_heads=2, cond_dim=16)
     off = measure(shape, steps=1, space="embedding", fused=False, threads=1)

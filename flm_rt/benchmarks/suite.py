@@ -759,6 +759,6 @@ def gemm_profile(suite: "Suite", shape: str, batch: int, repeats: int = 5) -> di
         out["gemms"].append({"gemm": name, "M": m, "N": n, "K": k, "gflop": flops / 1e9,
                              "median_ms": med * 1e3, "min_ms": best * 1e3, "max_ms": max(times) * 1e3,
                              "gflops": flops / med / 1e9, "frac_square": flops / med / 1e9 / out["square_gflops"]})
-    out["vocab_chunk"] = ops.vocab_chunk()
+    out["vocab_chunk"] = ops.vocab_chunk(rows=rows)
     return out
 
