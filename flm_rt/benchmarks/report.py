@@ -43,10 +43,11 @@ def gemm_profile_table(meta: dict) -> str:
             lines.append(f"| {p['shape']} | {p['batch']} | {g['gemm']} | {g['M']} x {g['N']} x {g['K']} | "
                          f"{g['gflop']:.2f} | {g['median_ms']:.2f} ({g['min_ms']:.2f}-{g['max_ms']:.2f}) | "
                          f"{g['gflops']:.1f} | {100 * g['frac_square']:.0f} |")
+    chunks = ", ".join(f"{p['shape']} B {p['batch']}: {p.get('vocab_chunk')}" for p in profiles)
     return ("\n".join(lines) + f"\n\nOne network call's products timed alone ({profiles[0]['dtype']}; 3 warm-ups, "
             f"median of 5), against the square product of the same dtype measured in this run. The fused rows "
             f"include their reductions (argmax; online softmax), and the P @ E row counts both of its GEMMs "
-            f"(vocabulary chunk {profiles[0].get('vocab_chunk')}).\n")
+            f"(vocabulary chunk: {chunks}).\n")
 
 
 def _row_dict(r) -> dict:
