@@ -255,6 +255,7 @@ CPU_SOURCES = [
     "csrc/cpu/dispatch.cpp",
     "csrc/cpu/flow_map_step.cpp",
     "csrc/cpu/vocab_argmax.cpp",
+    "csrc/cpu/vocab_pass.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu"]
 

@@ -43,6 +43,17 @@ TORCH_LIBRARY(flm_rt, m) {
   m.def("flow_map_step_(Tensor(a!) z, Tensor logits, Tensor a, Tensor b, Tensor c, Tensor? eps, float cap) -> ()");
   // (indices int64 [...], values x.dtype [...]) over the last dimension, torch.max semantics.
   m.def("vocab_argmax(Tensor x) -> (Tensor, Tensor)");
+  // The fused vocabulary pass: logits = y @ weight^T + bias computed `chunk` vocabulary entries at a time and
+  // reduced at once, never as a whole [..., V] tensor. y [..., D] and weight [V, D] (and bias [V]) share one
+  // dtype (float32 / bfloat16 / float16); `prepacked`: use cached oneDNN-reordered weight chunks where possible.
+  // (indices int64 [...], values) of the maximum over V of cap*tanh(logits/cap) (cap <= 0: of the raw logits),
+  // computed in the logits dtype, torch.max semantics.
+  m.def("vocab_pass_argmax(Tensor y, Tensor weight, Tensor? bias, float cap, int chunk, bool prepacked) -> "
+        "(Tensor, Tensor)");
+  // softmax(cap*tanh(logits/cap)) @ embed in float32 [..., De] (online softmax over the chunks); embed
+  // float32 [V, De].
+  m.def("vocab_pass_embed(Tensor y, Tensor weight, Tensor? bias, Tensor embed, float cap, int chunk, "
+        "bool prepacked) -> Tensor");
 }
 
 namespace {
@@ -80,6 +91,8 @@ TORCH_LIBRARY_IMPL(flm_rt, Autograd, m) {
   m.impl("flow_map_step", torch::autograd::autogradNotImplementedFallback());
   m.impl("flow_map_step_", TORCH_FN(flow_map_step_inplace_autograd));
   m.impl("vocab_argmax", torch::autograd::autogradNotImplementedFallback());
+  m.impl("vocab_pass_argmax", torch::autograd::autogradNotImplementedFallback());
+  m.impl("vocab_pass_embed", torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace flm_rt {

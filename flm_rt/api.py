@@ -81,6 +81,9 @@ class Model:
             net.rotary_emb.inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.head_dim, 2,
                                                                       dtype=torch.float32) / config.head_dim))
         net = net.to(dev).eval().requires_grad_(False).set_compute_dtype(dt)
+        from .cpu_features import warn_if_emulated
+
+        warn_if_emulated(dt, dev.type)  # bf16 without avx512_bf16 / AMX: slower than fp32
         return cls(config, net, device=dev, dtype=dt, **kw)
 
     # -- tokenizer --------------------------------------------------------------------------------------

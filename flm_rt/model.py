@@ -191,9 +191,13 @@ class OutputLayer(nn.Module):
         self.linear = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """y, the input of the final Linear: logits = y @ linear.weight^T + linear.bias."""
         shift, scale = _linear(self.adaLN_modulation, c)[:, None, :].chunk(2, dim=2)
-        return _linear(self.linear, modulate(self.norm_final(x), shift, scale))
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return _linear(self.linear, self.features(x, c))
 
 
 class VocabEmbedding(nn.Module):
@@ -255,15 +259,29 @@ class Denoiser(nn.Module):
 
     def forward_embedded(self, h: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
         """f given h = x @ E [B, L, D] (fp32): the network sees its input only through this projection."""
+        return self._run(h, t, t_prime, features_only=False)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output layer's y [B, L, D] for input x (f = y @ W^T + b with W, b = output_layer.linear): what the
+        fused vocabulary pass (flm_rt.ops.vocab_pass_*) takes instead of the [B, L, V] logits."""
+        with nvtx.range("embedding"):
+            h = self.vocab_embed(x)
+        return self._run(h, t, t_prime, features_only=True)
+
+    def features_embedded(self, h: torch.Tensor, t: torch.Tensor, t_prime: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``features`` given h = x @ E."""
+        return self._run(h, t, t_prime, features_only=True)
+
+    def _run(self, h, t, t_prime, features_only: bool) -> torch.Tensor:
         with nvtx.range("conditioning"):
             c = self.conditioning(t, t_prime)
         cos, sin = self.rotary_emb.cos_sin(h.shape[1], h.device)
         if self.compute_dtype == torch.float32:
-            return self._body(h, c, cos, sin)
+            return self._body(h, c, cos, sin, features_only)
         with torch.autocast(device_type=h.device.type, dtype=self.compute_dtype):
-            return self._body(h, c, cos, sin)
+            return self._body(h, c, cos, sin, features_only)
 
-    def _body(self, h, c, cos, sin):
+    def _body(self, h, c, cos, sin, features_only: bool = False):
         # One attention score buffer for all blocks in fp32 CPU inference, where a fresh [B, H, L, L] matrix per
         # block costs as much in page faults as the softmax itself (elsewhere the allocator caches, or autograd
         # or an exporter needs the plain ops).
@@ -275,7 +293,7 @@ class Denoiser(nn.Module):
             with nvtx.range(f"block{i}"):
                 h = block(h, c, cos, sin, workspace)
         with nvtx.range("output_layer"):
-            return self.output_layer(h, c)
+            return self.output_layer.features(h, c) if features_only else self.output_layer(h, c)
 
 
 def softcap_logits(z: torch.Tensor, cap: float = LOGIT_SOFTCAP, *, inplace: bool = False) -> torch.Tensor:

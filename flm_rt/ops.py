@@ -7,6 +7,12 @@
 * ``vocab_argmax(x)`` -- ``(indices int64, values)`` of the maximum over the last dimension, exactly
   ``torch.max(x, dim=-1)`` (ties -> lowest index; NaN is the maximum and the first NaN wins).
 
+* ``vocab_pass_argmax(y, weight, bias, cap)`` / ``vocab_pass_embed(y, weight, bias, embed, cap)`` -- the fused
+  vocabulary pass: the output projection ``logits = y @ weight^T + bias`` followed by, respectively, the argmax of
+  the (soft-capped) logits and ``softmax(cap*tanh(logits/cap)) @ embed``, computed over vocabulary chunks so that
+  no [..., V] logits tensor is ever built (ids: exactly the reference's; softmax @ E: float32 rounding, see
+  docs/KERNELS.md).
+
 Each has a pure-PyTorch reference (``*_reference``) that DEFINES the result, and a compiled kernel
 (``torch.ops.flm_rt.*`` from flm_rt._C, CPU always, CUDA when built with nvcc) that must agree with it
 (step: to float32 rounding, ~1e-6 relative; argmax: exactly).
@@ -48,8 +54,13 @@ __all__ = [
     "flow_map_step",
     "flow_map_step_",
     "vocab_argmax",
+    "vocab_pass_argmax",
+    "vocab_pass_embed",
     "flow_map_step_reference",
     "vocab_argmax_reference",
+    "vocab_pass_argmax_reference",
+    "vocab_pass_embed_reference",
+    "vocab_chunk",
     "kernels_backend",
     "ext_available",
     "BACKENDS",
@@ -60,6 +71,13 @@ Coef = Union[float, int, torch.Tensor]
 BACKENDS = ("auto", "torch", "ext")
 STEP_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ARGMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PASS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Vocabulary entries per chunk of the fused pass, by default as many as keep the [rows, chunk] fp32 logits block
+# within VOCAB_CHUNK_BYTES (at least MIN_VOCAB_CHUNK): few, large GEMMs where rows are few (on the AVX-512/AMX
+# development machine chunking the LM1B [128, 30522] product only added overhead), bounded memory where they are
+# many (OWT, L 1024: 4096 entries, 16 MiB instead of 196 MiB).
+VOCAB_CHUNK_BYTES = 16 << 20
+MIN_VOCAB_CHUNK = 2048
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,6 +120,28 @@ def vocab_argmax_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """``(indices int64, values)`` over the last dimension: exactly ``torch.max(x, dim=-1)``."""
     values, indices = torch.max(x, dim=-1)
     return indices, values
+
+
+def vocab_pass_argmax_reference(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                                cap: float = 30.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vocab_argmax(cap * tanh((y @ weight^T + bias) / cap))`` with the whole logits tensor, in the dtype of y
+    (cap <= 0: of the raw logits). The soft-cap is the same three ops as ``flm_rt.model.softcap_logits``."""
+    logits = torch.nn.functional.linear(y, weight, bias)
+    cap = float(cap)
+    if cap > 0:
+        logits = logits.div(cap).tanh_().mul_(cap)
+    return vocab_argmax_reference(logits)
+
+
+def vocab_pass_embed_reference(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               embed: torch.Tensor, cap: float = 30.0) -> torch.Tensor:
+    """``softmax(cap * tanh(logits / cap)) @ embed`` in float32, logits = y @ weight^T + bias (upcast to float32
+    first, as the samplers do); cap <= 0: no soft-cap."""
+    x = torch.nn.functional.linear(y, weight, bias).to(torch.float32)
+    cap = float(cap)
+    if cap > 0:
+        x = cap * torch.tanh(x / cap)
+    return torch.softmax(x, dim=-1) @ embed.to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,6 +189,35 @@ if _ext.EXT_LOADED:
         return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape)
 
 
+if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "vocab_pass_argmax"):  # (an older flm_rt._C lacks the pass)
+
+    def _fake_check_pass(op: str, y, weight, bias, chunk) -> None:
+        torch._check(y.dtype in PASS_DTYPES, lambda: f"{op}: y must be float32, bfloat16 or float16, got {y.dtype}")
+        torch._check(weight.dtype == y.dtype, lambda: f"{op}: weight must have the dtype of y ({y.dtype})")
+        torch._check(y.dim() >= 1, lambda: f"{op}: y must have at least one dimension [..., D]")
+        torch._check(weight.dim() == 2 and weight.shape[1] == y.shape[-1],
+                     lambda: f"{op}: weight must be [V, D] with D = y.shape[-1], got {tuple(weight.shape)}")
+        torch._check(weight.shape[0] != 0, lambda: f"{op}: the vocabulary (weight.shape[0]) must be non-empty")
+        if bias is not None:
+            torch._check(bias.dtype == y.dtype and tuple(bias.shape) == (weight.shape[0],),
+                         lambda: f"{op}: bias must be [V] with the dtype of y")
+        torch._check(chunk >= 1, lambda: f"{op}: chunk must be >= 1, got {chunk}")
+
+    @torch.library.register_fake("flm_rt::vocab_pass_argmax")
+    def _vocab_pass_argmax_fake(y, weight, bias, cap, chunk, prepacked):
+        _fake_check_pass("flm_rt::vocab_pass_argmax", y, weight, bias, chunk)
+        shape = y.shape[:-1]
+        return y.new_empty(shape, dtype=torch.int64), y.new_empty(shape)
+
+    @torch.library.register_fake("flm_rt::vocab_pass_embed")
+    def _vocab_pass_embed_fake(y, weight, bias, embed, cap, chunk, prepacked):
+        _fake_check_pass("flm_rt::vocab_pass_embed", y, weight, bias, chunk)
+        torch._check(embed.dtype == torch.float32, lambda: "flm_rt::vocab_pass_embed: embed must be float32")
+        torch._check(embed.dim() == 2 and embed.shape[0] == weight.shape[0],
+                     lambda: "flm_rt::vocab_pass_embed: embed must be [V, De]")
+        return y.new_empty((*y.shape[:-1], embed.shape[1]), dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Backend selection
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +259,7 @@ def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: st
     if b == "torch":
         return "torch"
     dev = torch.device(device).type
-    dtypes = STEP_LOGITS_DTYPES if op.startswith("flow_map_step") else ARGMAX_DTYPES
+    dtypes = STEP_LOGITS_DTYPES if op.startswith("flow_map_step") else ARGMAX_DTYPES  # == PASS_DTYPES
     if b == "ext":
         if not _ext.EXT_LOADED:
             raise DeviceError(f"flm_rt: backend 'ext' requested for {op} but the compiled extension is not loaded "
@@ -263,3 +332,54 @@ def vocab_argmax(x: torch.Tensor, *, backend: Optional[str] = None) -> tuple[tor
     if kernels_backend(x.device, x.dtype, "vocab_argmax", backend) == "torch":
         return vocab_argmax_reference(x)
     return torch.ops.flm_rt.vocab_argmax(x)
+
+
+def vocab_chunk(chunk: Optional[int] = None, rows: int = 1) -> int:
+    """The fused pass's chunk: ``chunk``, else env ``FLM_RT_VOCAB_CHUNK``, else sized for ``rows`` rows (see
+    VOCAB_CHUNK_BYTES)."""
+    default = max(MIN_VOCAB_CHUNK, VOCAB_CHUNK_BYTES // (4 * max(int(rows), 1)) // 256 * 256)
+    v = chunk if chunk is not None else os.environ.get("FLM_RT_VOCAB_CHUNK", "").strip() or default
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(v, bool) or n < 1 or (isinstance(v, float) and v != n):
+        src = "chunk" if chunk is not None else "FLM_RT_VOCAB_CHUNK"
+        raise ValueError(f"flm_rt: {src} must be a positive int, got {v!r}")
+    return n
+
+
+def _pass_prepacked(dtype: torch.dtype) -> bool:
+    """Whether the kernel may use (and cache) oneDNN-reordered weight chunks: as flm_rt.prepack decides, for fp32,
+    and for bf16 where the CPU has native bf16 (oneDNN refuses to reorder bf16 weights below AVX512-BW)."""
+    from . import prepack  # (prepack imports this module)
+    from .cpu_features import native_bf16
+
+    if not prepack.is_enabled() or torch.is_grad_enabled() or prepack._tracing():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
+
+
+def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      cap: float = 30.0, *, chunk: Optional[int] = None,
+                      backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices int64 [...], values [...])`` of the maximum over V of ``cap*tanh((y @ weight^T + bias)/cap)``
+    (cap <= 0: raw logits), without building the [..., V] logits (compiled kernel); the reference builds them.
+
+    y [..., D] and weight [V, D] (bias [V]) share one dtype; values have that dtype."""
+    if kernels_backend(y.device, y.dtype, "vocab_pass_argmax", backend) == "torch":
+        return vocab_pass_argmax_reference(y, weight, bias, cap)
+    rows = y.numel() // max(y.shape[-1], 1)
+    return torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, float(cap), vocab_chunk(chunk, rows),
+                                              _pass_prepacked(y.dtype))
+
+
+def vocab_pass_embed(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,
+                     cap: float = 30.0, *, chunk: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """``softmax(cap*tanh((y @ weight^T + bias)/cap)) @ embed`` in float32 [..., De], by an online softmax over
+    vocabulary chunks (compiled kernel); embed float32 [V, De]."""
+    if kernels_backend(y.device, y.dtype, "vocab_pass_embed", backend) == "torch":
+        return vocab_pass_embed_reference(y, weight, bias, embed, cap)
+    rows = y.numel() // max(y.shape[-1], 1)
+    return torch.ops.flm_rt.vocab_pass_embed(y, weight, bias, embed, float(cap), vocab_chunk(chunk, rows),
+                                             _pass_prepacked(y.dtype))

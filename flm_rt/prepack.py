@@ -8,7 +8,9 @@ counter, so an in-place change or a reload of the weight re-packs it. The cache 
 (state dicts, ``deepcopy`` and export see plain ``nn.Linear`` weights).
 
 It applies only where it computes the same function as ``F.linear`` up to float rounding (relative 1e-6): fp32
-tensors on CPU, autocast off, no autograd, not while tracing or exporting, and when torch has oneDNN. Anything
+tensors on CPU, autocast off, no autograd, not while tracing or exporting, and when torch has oneDNN; and to the bf16
+weights of ``dtype="bfloat16"`` models under CPU bf16 autocast where the CPU has native bf16 (flm_rt.cpu_features),
+computing what autocast's ``F.linear`` computes (bf16 inputs and output) up to bf16 rounding. Anything
 else takes ``F.linear``. ``FLM_RT_PREPACK=0`` (or :func:`set_enabled`) turns it off; the cost is one more copy
 of the weights in memory while it is on.
 """
@@ -76,6 +78,20 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return x.dim() >= 2 and weight.dim() == 2 and is_enabled() and cpu_fp32_inference(*tensors)
 
 
+def _applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """bf16 weights under CPU bf16 autocast (the model's dtype="bfloat16" mode) on a CPU with native bf16: the
+    product autocast would run (input cast to bf16, bf16 GEMM, bf16 output), on a prepacked weight."""
+    if not (x.dim() >= 2 and weight.dim() == 2 and weight.dtype == torch.bfloat16 and is_enabled()
+            and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and (bias is None or bias.dtype == torch.bfloat16)
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not _tracing()):
+        return False
+    from .cpu_features import native_bf16
+
+    return native_bf16()
+
+
 def _packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version, tuple(weight.shape), transposed)
     wid = id(weight)
@@ -98,10 +114,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
-    if _applies(x, weight, bias):
+    if _applies(x, weight, bias) or (not transposed and _applies_bf16(x, weight, bias)):
         attr, algorithm = _ACTIVATIONS[activation]
         b = None if bias is None else bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, _packed(weight, transposed), b, attr, [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), _packed(weight, transposed), b, attr, [],
+                                                  algorithm)
     y = torch.matmul(x, weight) if transposed else F.linear(x, weight, bias)
     if transposed and bias is not None:
         y = y + bias

@@ -16,12 +16,14 @@ Gaussian draws are consumed in SPEC order: z_0, then eps_0, eps_1, ... only for 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import nvtx, ops
+from .errors import ConfigError
 from .model import LOGIT_SOFTCAP, Denoiser, softcap_logits
 from .schedule import alpha_of_gamma, gamma_grid
 
@@ -95,6 +97,36 @@ def output_ids(logits: torch.Tensor, *, kernels: Optional[str] = None) -> torch.
     return ids
 
 
+def fused_vocab_pass(fused: Optional[bool] = None) -> bool:
+    """Whether run_plan uses the fused vocabulary pass: ``fused``, else env ``FLM_RT_FUSED_VOCAB`` (default 1)."""
+    if fused is not None:
+        return bool(fused)
+    v = os.environ.get("FLM_RT_FUSED_VOCAB", "1").strip().lower()
+    if v not in ("0", "1", "false", "true", "off", "on", ""):
+        raise ConfigError(f"flm_rt: FLM_RT_FUSED_VOCAB must be 0 or 1, got {v!r}")
+    return v not in ("0", "false", "off")
+
+
+def _projection(denoiser: Denoiser, y: torch.Tensor):
+    lin = denoiser.output_layer.linear
+    return y.to(lin.weight.dtype), lin.weight, lin.bias  # (the cast autocast applies to the Linear's input)
+
+
+def fused_output_ids(denoiser: Denoiser, y: torch.Tensor, *, kernels: Optional[str] = None) -> torch.Tensor:
+    """``output_ids`` of the logits y @ W^T + b, through ``ops.vocab_pass_argmax`` (no [B, L, V] tensor), with
+    output_ids' rule: fp32 logits uncapped, low-precision logits capped in their dtype."""
+    y, w, b = _projection(denoiser, y)
+    cap = 0.0 if w.dtype == torch.float32 else LOGIT_SOFTCAP
+    ids, _ = ops.vocab_pass_argmax(y, w, b, cap, backend=kernels)
+    return ids
+
+
+def fused_softmax_embed(denoiser: Denoiser, y: torch.Tensor, *, kernels: Optional[str] = None) -> torch.Tensor:
+    """P @ E (fp32 [B, L, D]) for the logits y @ W^T + b, through ``ops.vocab_pass_embed`` (online softmax)."""
+    y, w, b = _projection(denoiser, y)
+    return ops.vocab_pass_embed(y, w, b, denoiser.vocab_embed.embedding, LOGIT_SOFTCAP, backend=kernels)
+
+
 SPACES = ("vocab", "embedding")
 
 
@@ -107,6 +139,7 @@ def run_plan(
     space: str = "vocab",
     on_step: Optional[Callable[[int], None]] = None,
     callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
+    fused: Optional[bool] = None,
 ) -> torch.Tensor:
     """Run the sampler; returns token ids [B, L].
 
@@ -120,20 +153,29 @@ def run_plan(
     on_step(i): after step i. callback(i, t, ids): after step i with t = (i+1)/n and the argmax ids [B, L] (int64,
     CPU) of the state (V-space) or of the prediction (embedding space, whose state is not in R^V); the output ids at
     the last step. The argmax is computed only when a callback is given.
+
+    fused (default: env FLM_RT_FUSED_VOCAB, on): the last step's argmax and the embedding-space P @ E run as one
+    pass over vocabulary chunks with the output projection (``ops.vocab_pass_*``), so no [B, L, V] logits exist
+    there; vocabulary-space updates need the logits and are unchanged.
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     x = draw(0)
     b = x.shape[0]
     forward = denoiser if space == "vocab" else denoiser.forward_embedded
+    features = denoiser.features if space == "vocab" else denoiser.features_embedded
+    fused = fused_vocab_pass(fused)
     used = 1
     for i, st in enumerate(plan):
         t = torch.full((b,), st.t, dtype=torch.float32, device=x.device)
         tp = None if st.t_prime is None else torch.full((b,), st.t_prime, dtype=torch.float32, device=x.device)
-        logits = forward(x, t, tp)
+        if fused and (st.last or space == "embedding"):
+            y, logits = features(x, t, tp), None
+        else:
+            y, logits = None, forward(x, t, tp)
         if st.last:
             with nvtx.range("argmax"):
-                ids = output_ids(logits, kernels=kernels)
+                ids = output_ids(logits, kernels=kernels) if y is None else fused_output_ids(denoiser, y, kernels=kernels)
             if on_step is not None:
                 on_step(i)
             if callback is not None:
@@ -152,14 +194,21 @@ def run_plan(
                 step = ops.flow_map_step_ if i > 0 else ops.flow_map_step
                 x = step(x, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
             else:
-                p = torch.softmax(softcap_logits(logits.float(), LOGIT_SOFTCAP, inplace=True), dim=-1)
-                # P @ E through the network's own embedding product (fp32; prepacked on CPU)
-                x = torch.add(st.a * x, denoiser.vocab_embed(p), alpha=st.b)
+                if y is not None:
+                    pe = fused_softmax_embed(denoiser, y, kernels=kernels)
+                else:
+                    p = torch.softmax(softcap_logits(logits.float(), LOGIT_SOFTCAP, inplace=True), dim=-1)
+                    pe = denoiser.vocab_embed(p)  # the network's own embedding product (fp32; prepacked on CPU)
+                x = torch.add(st.a * x, pe, alpha=st.b)
                 if eps is not None:
                     x = x + st.c * eps
         if on_step is not None:
             on_step(i)
         if callback is not None:
-            current = x if space == "vocab" else logits
-            callback(i, (i + 1) / len(plan), ops.vocab_argmax(current, backend=kernels)[0].to("cpu", torch.int64))
+            if space == "vocab":
+                now = ops.vocab_argmax(x, backend=kernels)[0]
+            else:  # the prediction's ids (the embedding-space state has no vocabulary dimension)
+                now = ops.vocab_argmax(logits, backend=kernels)[0] if y is None else fused_output_ids(
+                    denoiser, y, kernels=kernels)
+            callback(i, (i + 1) / len(plan), now.to("cpu", torch.int64))
     raise AssertionError("a plan always ends with a last step")

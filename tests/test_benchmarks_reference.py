@@ -105,29 +105,42 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     from flm_rt.benchmarks.report import write_report
     from flm_rt.benchmarks.suite import BenchSettings, Suite
 
-    settings = BenchSettings(device="cpu", dtype="float32", repeats=1, warmup=1,
+    settings = BenchSettings(device="cpu", dtype="float32", repeats=1, warmup=1, rate_n=256,
                              cases=[("tiny", "reference", 1, 1), ("tiny", "flm_rt", 1, 1),
                                     ("tiny", "flm_rt[torch-kernels]", 1, 1), ("tiny", "reference", 2, 1),
-                                    ("tiny", "flm_rt", 2, 1), ("tiny", "nonexistent-row", 1, 1)])
+                                    ("tiny", "flm_rt", 2, 1), ("tiny", "flm_rt[bfloat16]", 2, 1),
+                                    ("tiny", "flm_rt[embedding-noise]", 2, 1), ("tiny", "nonexistent-row", 1, 1)])
     suite = Suite(settings)
-    # A peak no CPU reaches: the end-of-run re-measurement (which keeps the higher figure) leaves it alone.
-    suite._peak = {"peak_tflops": 1e4, "peak_source": "test", "measured_matmul_tflops": 1e4}
     results = suite.run()
     ok = [r for r in results if r.status == "ok"]
-    assert len(ok) == 5
+    assert len(ok) == 7
+    rates = suite.meta["matmul_rates"]
+    assert set(rates) == {"float32", "bfloat16"} and all(r["best"] >= r["torch.mm"] > 0 for r in rates.values())
+    by_row = {(r.row, r.steps): r for r in ok}
+    bf = by_row[("flm_rt[bfloat16]", 2)]
+    assert bf.rate_dtype == "bfloat16" and bf.peak_tflops == pytest.approx(rates["bfloat16"]["best"] / 1e3)
+    assert 0.5 <= bf.extra["tokens_match_fp32"] <= 1.0
+    emb = by_row[("flm_rt[embedding-noise]", 2)]
+    assert emb.flops_per_sample < by_row[("flm_rt", 2)].flops_per_sample  # its own process's FLOPs
+    assert by_row[("flm_rt", 2)].frac_peak == pytest.approx(
+        by_row[("flm_rt", 2)].achieved_tflops * 1e3 / rates["float32"]["best"])
+    prof = suite.meta["gemm_profile"]
+    assert [p["shape"] for p in prof] == ["tiny"] and len(prof[0]["gemms"]) == 8
+    assert all(g["gflops"] > 0 and g["min_ms"] <= g["median_ms"] <= g["max_ms"] for g in prof[0]["gemms"])
     bad = [r for r in results if r.row == "nonexistent-row"]
     assert len(bad) == 1 and bad[0].status == "error" and "unknown row" in bad[0].reason
     for r in ok:
         assert r.median_s > 0 and r.per_token_ms > 0 and r.flops_per_sample > 0 and r.weight_bytes > 0
-        assert r.frac_peak is not None
-        if r.row.startswith("flm_rt"):
+        assert r.frac_peak is not None and r.min_s <= r.median_s <= r.max_s
+        if r.row in ("flm_rt", "flm_rt[torch-kernels]"):
             assert r.tokens_match_reference == 1.0
     written = write_report(results, suite.meta, str(tmp_path))
     for name in ("results.json", "results.md", "latency_vs_steps.png"):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["meta"]["peak_tflops"] == 1e4 and len(data["results"]) == 6
+    assert data["meta"]["peak_tflops"] == pytest.approx(rates["float32"]["best"] / 1e3) and len(data["results"]) == 8
     assert "| tiny | flm_rt | 1 |" in written["markdown"]
+    assert "Per-GEMM profile" in written["markdown"] and "prepacked oneDNN GFLOP/s" in written["markdown"]
     assert not (tmp_path / "throughput_vs_batch.png").exists()  # one batch size only
 
     # Each run appends one line to history.jsonl; results.md lists the runs; a rewrite does not append.
@@ -177,7 +190,28 @@ def test_cli_bench_end_to_end_tiny(tmp_path, capsys):
     from flm_rt.benchmarks.cli import cli_bench
 
     rc = cli_bench(["--", "--shapes", "tiny", "--steps", "1", "--batch", "1", "--rows", "reference,flm_rt",
-                    "--repeats", "1", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+                    "--repeats", "1", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--rate-size", "256"])
     assert rc == 0
     assert "| tiny | flm_rt | 1 |" in capsys.readouterr().out
     assert {"results.json", "results.md", "latency_vs_steps.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_cli_bench_a_users_checkpoint(tmp_path, capsys):
+    """`flm-rt bench --model PATH`: the checkpoint's own shape, rows labelled "model"; a missing path: exit 2."""
+    import flm_rt
+    from flm_rt.benchmarks.cli import cli_bench
+    from flm_rt.model import ModelConfig
+
+    ckpt = tmp_path / "mine"
+    cfg = ModelConfig(vocab_size=300, length=16, hidden_size=32, n_blocks=1, n_heads=2, cond_dim=16)
+    flm_rt.random_model(cfg, seed=1).save(str(ckpt))
+    rc = cli_bench(["--model", str(ckpt), "--steps", "1", "--batch", "1", "--rows", "reference,flm_rt",
+                    "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress",
+                    "--rate-size", "256"])
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {r["row"]: r for r in data["results"]}
+    assert rows["flm_rt"]["shape"] == "model" and rows["flm_rt"]["vocab_size"] == 300
+    assert rows["flm_rt"]["tokens_match_reference"] == 1.0 and data["meta"]["model_path"] == str(ckpt)
+    assert cli_bench(["--model", str(tmp_path / "absent")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -6,12 +6,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .suite import ALL_ROWS, AR_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, SHAPES
+from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, MODEL_SHAPE, SHAPES
 
 QUICK_HELP = ("a subset that finishes in under 10 minutes on a 2-core CPU: lm1b batch 1 at steps 1,2,4,8 (reference, "
               "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], onnx when flm_rt.export "
               "exists); owt batch 1 at 1 step (reference, flm_rt, flm_rt[embedding-noise]); the autoregressive "
-              "baseline generating 1024 tokens; up to 3 repeats, fewer when one run is slow (about 12 s per case)")
+              "baseline generating 1024 tokens; 3 warm-ups and 5 timed runs per case (median, min-max, IQR)")
 
 
 def _ints(s: str) -> list:
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=QUICK_HELP)
     p.add_argument("--shapes", type=_names(list(SHAPES)), default=None,
                    help=f"comma-separated from {', '.join(SHAPES)} (default lm1b,owt)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="bench this checkpoint (any format flm_rt.load reads) instead of random models of --shapes; "
+                        "its rows are labelled shape 'model'")
     p.add_argument("--steps", type=_ints, default=None, help="comma-separated step counts (default 1,2,4,8)")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes (default 1,8 on CPU, "
                                                              "1,8,64 on GPU)")
@@ -52,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32 on CPU, "
                                                  "bfloat16 on GPU)")
     p.add_argument("--stochasticity", type=float, default=0.0, help="FMLM stochasticity s (default 0.0)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per case, median reported (default 5, "
-                                                             "quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case, median and spread reported (default 5; "
+                                                             "never fewer than 5 unless asked)")
     p.add_argument("--max-case-s", type=float, default=None,
                    help="fewer repeats when one run is slow: at most about this many seconds per case "
                         "(default 60, quick 12)")
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens the autoregressive baseline actually generates (default: the shape's length); "
                         "fewer are scaled up to the length per token, which favours the baseline")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--rate-size", type=int, default=None, metavar="N",
+                   help="size of the square products that measure the machine's matmul rates (default 2048 on "
+                        "CPU, 8192 on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default bench/results/<device-name>)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -76,9 +82,12 @@ def settings_from_args(args):
     dev = resolve_device(args.device)
     gpu = dev.type == "cuda"
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    s = BenchSettings(device=str(dev), dtype=dtype, stochasticity=args.stochasticity, seed=args.seed)
+    s = BenchSettings(device=str(dev), dtype=dtype, stochasticity=args.stochasticity, seed=args.seed,
+                      model_path=args.model)
+    if args.model:
+        args.shapes = [MODEL_SHAPE]
     if args.quick:
-        s.repeats, s.max_case_s = 3, 12.0
+        s.repeats, s.max_case_s = 5, 12.0
         rows = args.rows or list(ALL_ROWS)
         shapes = args.shapes or ["lm1b", "owt"]
         steps = args.steps or [1, 2, 4, 8]
@@ -92,19 +101,21 @@ def settings_from_args(args):
                         cases.append((shape, AR_ROW, None, b))
                     continue
                 cases += [(shape, r, n, b) for n in steps for r in ("reference", "flm_rt") if r in rows]
-                cases += [(shape, r, min(steps), b) for r in ("flm_rt[torch-kernels]", EMB_ROW) if r in rows]
+                extra = ("flm_rt[torch-kernels]", EMB_ROW) + ((BF16_ROW,) if dtype == "float32" else ())
+                cases += [(shape, r, min(steps), b) for r in extra if r in rows]
                 cases += [(shape, r, min(steps), b) for r in EXPORT_ROWS[:1] if r in rows]
         s.cases = cases
     else:
         s.shapes = args.shapes or ["lm1b", "owt"]
         s.steps = args.steps or [1, 2, 4, 8]
         s.batches = args.batch or ([1, 8, 64] if gpu else [1, 8])
-        s.rows = args.rows or list(ALL_ROWS)
+        s.rows = args.rows or [r for r in ALL_ROWS if r != BF16_ROW or dtype == "float32"]
     if args.repeats is not None:
         s.repeats = max(1, args.repeats)
     if args.max_case_s is not None:
         s.max_case_s = args.max_case_s
     s.ar_tokens = args.ar_tokens
+    s.rate_n = args.rate_size
     if args.threads:
         torch.set_num_threads(args.threads)
     return s
@@ -126,6 +137,9 @@ def cli_bench(argv: Optional[Sequence[str]] = None) -> int:
 
         return cli_bench_serve(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.model is not None and not os.path.exists(args.model):
+        print(f"flm-rt bench: error: --model {args.model}: no such file or directory", file=sys.stderr)
+        return 2
     from .report import write_report
     from .suite import Suite
 

@@ -11,6 +11,45 @@ def _fmt(v, spec: str, dash: str = "-") -> str:
     return dash if v is None else format(v, spec)
 
 
+def _spread(lo, hi) -> str:
+    return "-" if lo is None or hi is None else f"{lo * 1e3:.1f}-{hi * 1e3:.1f}"
+
+
+def rates_table(meta: dict) -> str:
+    """The machine's matrix-product rates measured in the run (what the efficiencies are measured against)."""
+    rates = meta.get("matmul_rates") or {}
+    if not rates:
+        return ""
+    lines = ["| dtype | torch.mm GFLOP/s | prepacked oneDNN GFLOP/s | best (used) | start / end of run |",
+             "|---|---:|---:|---|---:|"]
+    for dt, r in rates.items():
+        lines.append(f"| {dt} | {_fmt(r.get('torch.mm'), '.1f')} | {_fmt(r.get('onednn_prepacked'), '.1f')} | "
+                     f"{_fmt(r.get('best'), '.1f')} ({r.get('best_library')}) | "
+                     f"{_fmt(r.get('best_start'), '.1f')} / {_fmt(r.get('best_end'), '.1f')} |")
+    n = next(iter(rates.values()))
+    return ("\n".join(lines) + f"\n\n{n.get('n')}-square products, {n.get('threads')} thread(s), best of "
+            f"{n.get('repeats')} after 3 warm-ups each, measured at the start and the end of the run (the higher "
+            "is used).\n")
+
+
+def gemm_profile_table(meta: dict) -> str:
+    profiles = [p for p in meta.get("gemm_profile") or [] if "gemms" in p]
+    if not profiles:
+        return ""
+    lines = ["| shape | B | GEMM | M x N x K | GFLOP | median ms (min-max) | GFLOP/s | % of square |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
+    for p in profiles:
+        for g in p["gemms"]:
+            lines.append(f"| {p['shape']} | {p['batch']} | {g['gemm']} | {g['M']} x {g['N']} x {g['K']} | "
+                         f"{g['gflop']:.2f} | {g['median_ms']:.2f} ({g['min_ms']:.2f}-{g['max_ms']:.2f}) | "
+                         f"{g['gflops']:.1f} | {100 * g['frac_square']:.0f} |")
+    chunks = ", ".join(f"{p['shape']} B {p['batch']}: {p.get('vocab_chunk')}" for p in profiles)
+    return ("\n".join(lines) + f"\n\nOne network call's products timed alone ({profiles[0]['dtype']}; 3 warm-ups, "
+            f"median of 5), against the square product of the same dtype measured in this run. The fused rows "
+            f"include their reductions (argmax; online softmax), and the P @ E row counts both of its GEMMs "
+            f"(vocabulary chunk: {chunks}).\n")
+
+
 def _row_dict(r) -> dict:
     return r if isinstance(r, dict) else r.as_dict()
 
@@ -24,10 +63,19 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
                      f"peak {_fmt(meta.get('peak_tflops'), '.3g')} TFLOP/s ({meta.get('peak_source')}); "
                      f"stochasticity {meta.get('stochasticity')}; load average at start {meta.get('loadavg_start')}; "
                      f"{meta.get('date_utc')}, commit {meta.get('git_commit')}.")
+        if meta.get("note"):
+            lines += ["", f"Note: {meta['note']}"]
+        isa = meta.get("cpu_isa")
+        if isa:
+            lines.append("")
+            lines.append(f"CPU ISA: torch capability {isa.get('torch_cpu_capability')}, flags "
+                         f"{', '.join(isa.get('flags') or []) or '-'}; bf16: {isa.get('bf16')}; BLAS: "
+                         f"{', '.join(isa.get('blas') or [])}." + (f" Checkpoint: {meta['model_path']}."
+                                                                    if meta.get("model_path") else ""))
         lines.append("")
-    lines.append("| shape | row | steps | B | L | V | median ms | ms/token | tokens/s | GFLOP/sample | "
-                 "TFLOP/s | % peak | weights MB | ids = reference | note |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    lines.append("| shape | row | steps | B | L | V | median ms | min-max ms | IQR ms | ms/token | tokens/s | "
+                 "GFLOP/sample | TFLOP/s | efficiency % | weights MB | ids = reference | note |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         note = ""
         if r["status"] != "ok":
@@ -40,11 +88,19 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
                     note += f"; timed {ex.get('ar_tokens_generated')} tokens, scaled to {ex.get('ar_tokens_reported')}"
             if r.get("noise") == "drawn in the loop":
                 note += "noise drawn in the loop"
+            if ex.get("tokens_match_fp32") is not None:
+                note += f"ids = fp32 flm_rt: {100 * ex['tokens_match_fp32']:.1f}%"
+            if r.get("rate_dtype") and meta and r["rate_dtype"] != meta.get("dtype"):
+                note += f"; efficiency vs the {r['rate_dtype']} rate"
+            if r["row"] == "flm_rt[embedding-noise]":
+                note += ("; " if note else "") + "FLOPs of the embedding-space process"
+            note += f" ({len(r.get('times_s') or [])} runs)"
         note = note.replace("|", "/")
         match = r.get("tokens_match_reference")
         lines.append(
             f"| {r['shape']} | {r['row']} | {_fmt(r.get('steps'), 'd', 'n/a')} | {r['batch']} | {r['seq_len']} | "
             f"{r['vocab_size']} | {_fmt(r.get('median_s') and r['median_s'] * 1e3, '.1f')} | "
+            f"{_spread(r.get('min_s'), r.get('max_s'))} | {_spread(*(r.get('iqr_s') or (None, None)))} | "
             f"{_fmt(r.get('per_token_ms'), '.4f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
             f"{_fmt(r.get('flops_per_sample') and r['flops_per_sample'] / 1e9, ',.1f')} | "
             f"{_fmt(r.get('achieved_tflops'), '.3f')} | {_fmt(r.get('frac_peak') and 100 * r['frac_peak'], '.1f')} | "
@@ -231,9 +287,18 @@ def write_report(results: Sequence, meta: dict, out_dir: str, *, record_history:
     st = speedup_table(rows)
     if st:
         md += "\n" + st
-    md += ("\nms/token = median latency / (B x L). GFLOP/sample counts the matmuls (dense V-space embedding, blocks, "
-           "attention, output projection) for all steps; state updates are memory-bound and not counted. "
-           "Raw numbers, timings and notes: results.json.\n")
+    md += ("\nms/token = median latency / (B x L); min-max and IQR over the timed runs (after the warm-ups). "
+           "GFLOP/sample counts the matmuls (dense V-space embedding, blocks, attention, output projection) for all "
+           "steps; state updates are memory-bound and not counted; the embedding-noise row counts its own process "
+           "(no V-space embedding, P @ E per intermediate step). Efficiency = GFLOP / (median x the machine's best "
+           "matrix-product rate for the row's dtype, measured in this run). Raw numbers, timings and notes: "
+           "results.json.\n")
+    rt = rates_table(meta)
+    if rt:
+        md += "\n## Matrix-product rates of this machine (this run)\n\n" + rt
+    gt = gemm_profile_table(meta)
+    if gt:
+        md += "\n## Per-GEMM profile\n\n" + gt
     ht = history_table(read_history(out_dir))
     if ht:
         md += "\n## Earlier runs in this folder (1 step, batch 1; history.jsonl)\n\n" + ht

@@ -30,9 +30,11 @@ SHAPES = {
 }
 FLM_ROWS = ("flm_rt", "flm_rt[torch-kernels]", "reference")
 EMB_ROW = "flm_rt[embedding-noise]"  # noise_space="embedding": draws in R^D, no [B, L, V] noise (other draws)
+BF16_ROW = "flm_rt[bfloat16]"  # the same weights rounded to bf16 (blocks and output layer), the fp32 row's draws
 EXPORT_ROWS = ("onnx", "torchscript", "aoti")
 AR_ROW = "autoregressive"
-ALL_ROWS = FLM_ROWS + (EMB_ROW,) + EXPORT_ROWS + (AR_ROW,)
+ALL_ROWS = FLM_ROWS + (EMB_ROW, BF16_ROW) + EXPORT_ROWS + (AR_ROW,)
+MODEL_SHAPE = "model"  # `flm-rt bench --model PATH`: the user's checkpoint instead of a random model
 OUTPUT_SCALE = 8.0  # random output projection scaled up: peaked distributions, as in a trained model
 
 # Datasheet dense peaks, TFLOP/s (no sparsity). fp32 = non-tensor-core FP32 (torch's default for fp32 matmuls).
@@ -64,8 +66,13 @@ def flops_per_call(cfg, seq_len: Optional[int] = None, float_input: bool = True)
     return float(emb + N * block + out + time_mlp)
 
 
-def flops_per_sample(cfg, steps: int, seq_len: Optional[int] = None) -> float:
-    return steps * flops_per_call(cfg, seq_len)
+def flops_per_sample(cfg, steps: int, seq_len: Optional[int] = None, noise_space: str = "vocab") -> float:
+    """All steps' FLOPs for one sample. ``noise_space="embedding"``: no dense V-space embedding of the state
+    (the network gets h directly); the intermediate steps' P @ E (2 L V D each) is counted instead."""
+    if noise_space == "vocab":
+        return steps * flops_per_call(cfg, seq_len)
+    L = seq_len or cfg.length
+    return steps * flops_per_call(cfg, seq_len, float_input=False) + (steps - 1) * 2 * L * cfg.vocab_size * cfg.hidden_size
 
 
 def weight_bytes(model) -> int:
@@ -84,6 +91,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cores)"
+
+
+def cpu_isa() -> dict:
+    from ..cpu_features import isa_summary
+
+    return isa_summary()
+
+
+def native_bf16_summary() -> str:
+    from ..cpu_features import bf16_reason
+
+    return bf16_reason()
 
 
 def device_name(device: torch.device) -> str:
@@ -135,6 +154,46 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[
     return 2 * n**3 / best / 1e12
 
 
+def _time_best(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, list]:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        synchronize(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return min(times), times
+
+
+def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, repeats: int = 5) -> dict:
+    """The machine's matrix-product rate in ``dtype`` (GFLOP/s), per library, with the same threads as the run:
+    ``torch.mm`` (MKL / oneDNN as torch dispatches) and, on CPU, oneDNN's linear on a prepacked weight (what
+    flm_rt.prepack and the fused vocabulary pass use). Best of ``repeats`` after 3 warm-ups, each; ``best`` is
+    the faster library, the rate efficiencies are measured against."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    flops = 2 * n**3
+    out = {"n": n, "threads": torch.get_num_threads(), "repeats": repeats}
+    best_s, times = _time_best(lambda: torch.mm(a, b), device, repeats)
+    out["torch.mm"] = flops / best_s / 1e9
+    out["torch.mm_spread"] = [flops / max(times) / 1e9, flops / min(times) / 1e9]
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+        best_s, times = _time_best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""),
+                                   device, repeats)
+        out["onednn_prepacked"] = flops / best_s / 1e9
+        out["onednn_prepacked_spread"] = [flops / max(times) / 1e9, flops / min(times) / 1e9]
+    libs = {k: v for k, v in out.items() if k in ("torch.mm", "onednn_prepacked")}
+    out["best_library"] = max(libs, key=libs.get)
+    out["best"] = libs[out["best_library"]]
+    return out
+
+
 def device_peak(device: torch.device, dtype: torch.dtype, measured: Optional[float] = None) -> dict:
     """The peak used for "fraction of peak": the datasheet figure on known GPUs, else the measured matmul rate."""
     dt = str(dtype).replace("torch.", "")
@@ -180,14 +239,17 @@ class BenchSettings:
     dtype: str = "float32"
     stochasticity: float = 0.0
     repeats: int = 5
-    warmup: int = 1
-    max_case_s: float = 60.0            # fewer repeats when one run is slow (never fewer than 1)
+    warmup: int = 3
+    max_case_s: float = 60.0            # fewer repeats when one run is slow (never fewer than min(5, repeats))
     ar_tokens: Optional[int] = None     # AR tokens actually generated (default: the shape's L); per-token
                                         # latency is extrapolated to L tokens when fewer
     cases: Optional[list] = None        # explicit (shape, row, steps, batch) list (overrides the product)
     seed: int = 0
     noise_budget_frac: float = 0.25     # pre-draw noise only when it fits in this fraction of memory
     check_tokens: bool = True           # compare flm_rt rows' ids against the reference row (same draws)
+    model_path: Optional[str] = None    # bench this checkpoint (shape "model") instead of random models
+    gemm_profile: bool = True           # time each GEMM of one network call per (shape, batch)
+    rate_n: Optional[int] = None        # size of the square products that set the machine's rates (2048 CPU)
 
 
 @dataclass
@@ -209,12 +271,15 @@ class CaseResult:
     times_s: list = field(default_factory=list)
     median_s: Optional[float] = None
     min_s: Optional[float] = None
+    max_s: Optional[float] = None
+    iqr_s: Optional[list] = None        # [first quartile, third quartile]
     per_token_ms: Optional[float] = None
     tokens_per_s: Optional[float] = None
     flops_per_sample: Optional[float] = None
     achieved_tflops: Optional[float] = None
     peak_tflops: Optional[float] = None
-    frac_peak: Optional[float] = None
+    frac_peak: Optional[float] = None   # efficiency: the row's own FLOPs / (median x the best GEMM rate of its dtype)
+    rate_dtype: Optional[str] = None    # the dtype whose best GEMM rate frac_peak is measured against
     weight_bytes: Optional[int] = None
     noise: Optional[str] = None         # "pre-drawn" | "drawn in the loop"
     tokens_match_reference: Optional[float] = None
@@ -239,7 +304,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int, war
         t_warm = time.perf_counter() - t0
     n = repeats
     if t_warm > 0 and t_warm * repeats > max_case_s:
-        n = max(1, int(max_case_s // t_warm))
+        n = max(min(5, repeats), int(max_case_s // t_warm))
     times = []
     for _ in range(n):
         if device.type == "cuda":
@@ -285,38 +350,88 @@ class Suite:
         self._models: dict = {}
         self._exported: dict = {}
         self._ref_ids: dict = {}
+        self._fp32_ids: dict = {}
         self._peak: Optional[dict] = None
+        self._rates: dict = {}
+        self._user_cfg: Optional[dict] = None
+        self.gemm_profiles: list = []
         self.meta: dict = {}
 
     # -- setup -------------------------------------------------------------------------------------------
-    def model(self, shape: str):
-        if shape not in self._models:
-            from ..api import random_model
+    def shape_cfg(self, shape: str) -> dict:
+        if shape == MODEL_SHAPE:
+            if self._user_cfg is None:
+                c = self.model(shape).config
+                self._user_cfg = dict(vocab_size=c.vocab_size, length=c.length, hidden_size=c.hidden_size,
+                                      n_blocks=c.n_blocks, n_heads=c.n_heads, cond_dim=c.cond_dim)
+            return self._user_cfg
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        return SHAPES[shape]
+
+    def model(self, shape: str, dtype: Optional[torch.dtype] = None):
+        dtype = dtype or self.dtype
+        key = (shape, dtype)
+        if key not in self._models:
+            from ..api import load, random_model
             from ..model import ModelConfig
 
-            self._models.clear()  # one big model at a time
+            keep = {k: m for k, m in self._models.items() if k[0] == shape}  # one shape at a time
+            self._models.clear()
+            self._models.update(keep)
             self._exported.clear()
-            cfg = ModelConfig(two_time=True, **SHAPES[shape])
-            self._models[shape] = random_model(cfg, seed=0, device=self.device, dtype=self.dtype,
-                                               output_scale=OUTPUT_SCALE)
-        return self._models[shape]
+            if shape == MODEL_SHAPE:
+                if not self.s.model_path:
+                    raise ValueError("shape 'model' needs BenchSettings.model_path (flm-rt bench --model PATH)")
+                self._models[key] = load(self.s.model_path, device=self.device, dtype=dtype)
+            else:
+                cfg = ModelConfig(two_time=True, **SHAPES[shape])
+                self._models[key] = random_model(cfg, seed=0, device=self.device, dtype=dtype,
+                                                 output_scale=OUTPUT_SCALE)
+        return self._models[key]
+
+    def rates(self) -> dict:
+        """{dtype: matmul_rates} for float32 and bfloat16 (and the run's dtype), measured once at the start."""
+        if not self._rates:
+            names = dict.fromkeys(["float32", "bfloat16", self.dtype_name])
+            for name in names:
+                self._rates[name] = matmul_rates(self.device, getattr(torch, name), self.s.rate_n)
+        return self._rates
+
+    def rate_tflops(self, dtype_name: str) -> Optional[float]:
+        r = self.rates().get(dtype_name)
+        return r["best"] / 1e3 if r else None
 
     def peak(self) -> dict:
         if self._peak is None:
-            self._peak = device_peak(self.device, self.dtype)
+            if self.device.type == "cuda":
+                self._peak = device_peak(self.device, self.dtype)
+            else:
+                r = self.rates()[self.dtype_name]
+                self._peak = {"peak_tflops": r["best"] / 1e3, "measured_matmul_tflops": r["best"] / 1e3,
+                              "peak_source": f"measured: best of {r['repeats']} after 3 warm-ups, the faster of "
+                                             f"torch.mm and a prepacked oneDNN linear ({r['best_library']} won), "
+                                             f"{r['n']}^2 in {self.dtype_name}, {r['threads']} thread(s)"}
         return self._peak
 
     def remeasure_peak(self) -> None:
-        """Measure the matmul rate again (end of the run) and keep the higher figure: on a shared machine the
-        first measurement can be depressed by other load, which would inflate the fractions of peak."""
-        if self._peak is None or self.device.type == "cuda" and "datasheet" in self._peak.get("peak_source", ""):
+        """Measure the matmul rates again (end of the run) and keep the higher figures: on a shared machine the
+        first measurement can be depressed by other load, which would inflate the efficiencies."""
+        if self.device.type == "cuda" and "datasheet" in self.peak().get("peak_source", ""):
             return
-        again = measure_matmul_tflops(self.device, self.dtype)
-        first = self._peak["measured_matmul_tflops"]
-        self._peak = dict(self._peak, measured_matmul_tflops_start=first, measured_matmul_tflops_end=again)
-        if again > first:
-            self._peak.update(peak_tflops=again, measured_matmul_tflops=again)
-        self._peak["peak_source"] += " (max of start and end of run)"
+        for name, first in list(self.rates().items()):
+            again = matmul_rates(self.device, getattr(torch, name), self.s.rate_n)
+            merged = dict(first, best_start=first["best"], best_end=again["best"])
+            if again["best"] > first["best"]:
+                merged.update({k: again[k] for k in ("torch.mm", "onednn_prepacked", "best", "best_library")
+                               if k in again})
+            self._rates[name] = merged
+        r = self._rates[self.dtype_name]
+        self._peak = dict(self.peak(), peak_tflops=r["best"] / 1e3, measured_matmul_tflops=r["best"] / 1e3,
+                          measured_matmul_tflops_start=r["best_start"] / 1e3,
+                          measured_matmul_tflops_end=r["best_end"] / 1e3)
+        if "(max of start and end of run)" not in self._peak["peak_source"]:
+            self._peak["peak_source"] += " (max of start and end of run)"
 
     def case_list(self) -> list:
         if self.s.cases is not None:
@@ -346,7 +461,9 @@ class Suite:
             "git_commit": git_commit(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "threads": torch.get_num_threads(), "loadavg_start": loadavg(), "python": platform.python_version(),
             "stochasticity": self.s.stochasticity, "repeats": self.s.repeats, "warmup": self.s.warmup,
-            "output_scale": OUTPUT_SCALE, **self.peak(),
+            "output_scale": OUTPUT_SCALE, **self.peak(), "matmul_rates": self.rates(),
+            "cpu_isa": cpu_isa() if self.device.type == "cpu" else None,
+            "model_path": self.s.model_path,
         }
         if self.device.type == "cuda":
             self.meta["cuda"] = torch.version.cuda
@@ -365,17 +482,31 @@ class Suite:
             results.append(res)
             if on_case is not None:
                 on_case(case, res)
+        if self.s.gemm_profile and self.device.type == "cpu":
+            for shape, b in dict.fromkeys((c[0], c[3]) for c in cases if c[1] != AR_ROW):
+                try:
+                    self.gemm_profiles.append(gemm_profile(self, shape, b))
+                except Exception as e:  # noqa: BLE001 - a profile must not end the suite
+                    self.gemm_profiles.append({"shape": shape, "batch": b, "error": f"{type(e).__name__}: {e}"})
         self.meta["loadavg_end"] = loadavg()
         self.remeasure_peak()
+        for prof in self.gemm_profiles:  # against the final rates
+            if "gemms" in prof:
+                prof["square_gflops"] = self.rates()[prof["dtype"]]["best"]
+                for g in prof["gemms"]:
+                    g["frac_square"] = g["gflops"] / prof["square_gflops"]
         self.meta.update(self.peak())
-        for r in results:  # fractions of peak against the final peak figure
+        self.meta["matmul_rates"] = self.rates()
+        self.meta["gemm_profile"] = self.gemm_profiles
+        for r in results:  # efficiencies against the final rate figures
             if r.status == "ok" and r.achieved_tflops is not None:
-                r.peak_tflops = self.peak()["peak_tflops"]
+                r.peak_tflops = (self.rate_tflops(r.rate_dtype) if self.device.type == "cpu" and r.rate_dtype
+                                 else self.peak()["peak_tflops"])
                 r.frac_peak = r.achieved_tflops / r.peak_tflops if r.peak_tflops else None
         return results
 
     def _base(self, shape, row, steps, batch, seq_len=None) -> CaseResult:
-        cfg = SHAPES[shape]
+        cfg = self.shape_cfg(shape)
         return CaseResult(shape=shape, row=row, steps=steps, batch=batch, seq_len=seq_len or cfg["length"],
                           vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], n_blocks=cfg["n_blocks"],
                           device=str(self.device), device_name=device_name(self.device), dtype=self.dtype_name,
@@ -383,13 +514,11 @@ class Suite:
                           threads=torch.get_num_threads())
 
     def run_case(self, shape: str, row: str, steps: Optional[int], batch: int) -> CaseResult:
-        if shape not in SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
         res = self._base(shape, row, steps, batch)
         try:
             if row == AR_ROW:
                 self._run_ar(res)
-            elif row in FLM_ROWS or row in EXPORT_ROWS or row == EMB_ROW:
+            elif row in FLM_ROWS or row in EXPORT_ROWS or row in (EMB_ROW, BF16_ROW):
                 self._run_flm(res)
             else:
                 raise ValueError(f"unknown row {row!r}; known: {', '.join(ALL_ROWS)}")
@@ -409,12 +538,18 @@ class Suite:
         res.times_s = [round(t, 6) for t in times]
         res.median_s = statistics.median(times)
         res.min_s = min(times)
+        res.max_s = max(times)
+        if len(times) >= 2:
+            q = statistics.quantiles(times, n=4, method="inclusive")
+            res.iqr_s = [q[0], q[2]]
+        res.rate_dtype = res.rate_dtype or res.dtype
         tokens = res.batch * res.seq_len
         res.per_token_ms = 1e3 * res.median_s / tokens
         res.tokens_per_s = tokens / res.median_s
         res.flops_per_sample = flops
         res.achieved_tflops = flops * res.batch / res.median_s / 1e12
-        res.peak_tflops = self.peak()["peak_tflops"]
+        res.peak_tflops = (self.rate_tflops(res.rate_dtype) if self.device.type == "cpu"
+                           else self.peak()["peak_tflops"])
         res.frac_peak = res.achieved_tflops / res.peak_tflops if res.peak_tflops else None
         res.weight_bytes = int(wbytes)
 
@@ -423,7 +558,10 @@ class Suite:
         from ..api import generate
         from .reference import draws_needed, reference_generate
 
-        model = self.model(res.shape)
+        bf16 = res.row == BF16_ROW
+        if bf16:
+            res.dtype = res.rate_dtype = "bfloat16"
+        model = self.model(res.shape, torch.bfloat16 if bf16 else None)
         cfg = model.config
         s = self.s.stochasticity
         steps, b, L, V = res.steps, res.batch, res.seq_len, cfg.vocab_size
@@ -450,7 +588,7 @@ class Suite:
                                                 batch=b, seq_len=L)
             res.extra["reference_precision"] = ("fp32" if autocast is None else
                                                 f"{self.dtype_name} autocast, fp32 weights, plain-PyTorch attention")
-        elif res.row in FLM_ROWS:
+        elif res.row in FLM_ROWS or bf16:
             kernels = "torch" if res.row == "flm_rt[torch-kernels]" else "auto"
             if predrawn:
                 fn = lambda: generate(model, noise=noise, steps=steps, stochasticity=s, decode=False,  # noqa: E731
@@ -482,13 +620,20 @@ class Suite:
 
         times, ids = time_fn(fn, self.device, repeats=self.s.repeats, warmup=self.s.warmup,
                              max_case_s=self.s.max_case_s)
-        self._finish(res, times, flops_per_sample(cfg, steps, L), weight_bytes(model))
+        space = "embedding" if res.row == EMB_ROW else "vocab"
+        res.extra["flops_counted"] = f"{space}-space process"
+        self._finish(res, times, flops_per_sample(cfg, steps, L, space), weight_bytes(model))
         ids = torch.as_tensor(ids).to("cpu", torch.int64)
         key = (res.shape, steps, b)
         if res.row == "reference":
             self._ref_ids[key] = ids
         elif self.s.check_tokens and key in self._ref_ids and res.row != EMB_ROW:
             res.tokens_match_reference = float((ids == self._ref_ids[key]).float().mean())
+        if res.row == "flm_rt" and res.dtype == "float32":
+            self._fp32_ids[key] = ids
+        if bf16 and key in self._fp32_ids:
+            res.extra["tokens_match_fp32"] = float((ids == self._fp32_ids[key]).float().mean())
+            res.extra["native_bf16"] = native_bf16_summary()
 
     def _export_runner(self, res: CaseResult, model, noise, steps, s):
         import importlib
@@ -565,3 +710,55 @@ class Suite:
 
 class _Skip(Exception):
     pass
+
+
+# ------------------------------------------------------------------------------------------------ GEMM profile
+def gemm_profile(suite: "Suite", shape: str, batch: int, repeats: int = 5) -> dict:
+    """Each matrix product of one network call at (shape, batch), timed alone as flm_rt runs it (prepacked oneDNN
+    linear in fp32; the model's own Linear in other dtypes), and the output projection also as the fused
+    vocabulary pass (chunked GEMM + running argmax). GFLOP/s against the square product measured in the same run.
+    """
+    from .. import ops, prepack, samplers
+
+    model = suite.model(shape)
+    net = model.denoiser
+    cfg = suite.shape_cfg(shape)
+    L, D, V = cfg["length"], cfg["hidden_size"], cfg["vocab_size"]
+    rows = batch * L
+    dt = next(net.blocks.parameters()).dtype
+    x = torch.randn(batch, L, D, device=suite.device)
+    blk = net.blocks[0]
+
+    def lin(layer, inp, act=None):
+        if dt == torch.float32:
+            return lambda: prepack.linear(inp, layer.weight, layer.bias, activation=act)
+        return lambda: torch.nn.functional.linear(inp.to(dt), layer.weight, layer.bias)
+
+    h4 = torch.randn(batch, L, 4 * D, device=suite.device)
+    p = torch.softmax(torch.randn(batch, L, V, device=suite.device), -1)
+    gemms = [
+        ("attn_qkv", rows, 3 * D, D, lin(blk.attn_qkv, x)),
+        ("attn_out", rows, D, D, lin(blk.attn_out, x)),
+        ("mlp.0 (+GELU)", rows, 4 * D, D, lin(blk.mlp[0], x, "gelu_tanh")),
+        ("mlp.2", rows, D, 4 * D, lin(blk.mlp[2], h4)),
+        ("output projection", rows, V, D, lin(net.output_layer.linear, x)),
+        ("output projection, fused pass (argmax)", rows, V, D,
+         lambda: samplers.fused_output_ids(net, x)),
+        ("embedding x @ E (V-space input)", rows, D, V, lambda: net.vocab_embed(p)),
+        ("P @ E, fused pass (online softmax)", rows, D, V, None),
+    ]
+    out = {"shape": shape, "batch": batch, "dtype": str(dt).replace("torch.", ""),
+           "square_gflops": suite.rates()[str(dt).replace("torch.", "")]["best"], "gemms": []}
+    for name, m, n, k, fn in gemms:
+        if name.startswith("P @ E"):  # the pass also does the output projection: count both GEMMs
+            fn, flops = (lambda: samplers.fused_softmax_embed(net, x)), 2 * 2 * m * n * k
+        else:
+            flops = 2 * m * n * k
+        best, times = _time_best(fn, suite.device, repeats)
+        med = statistics.median(times)
+        out["gemms"].append({"gemm": name, "M": m, "N": n, "K": k, "gflop": flops / 1e9,
+                             "median_ms": med * 1e3, "min_ms": best * 1e3, "max_ms": max(times) * 1e3,
+                             "gflops": flops / med / 1e9, "frac_square": flops / med / 1e9 / out["square_gflops"]})
+    out["vocab_chunk"] = ops.vocab_chunk(rows=rows)
+    return out
+
