@@ -196,7 +196,7 @@ def test_cli_bench_end_to_end_tiny(tmp_path, capsys):
     assert {"results.json", "results.md", "latency_vs_steps.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
-def test_cli_bench_a_users_checkpoint(tmp_path, capsys):
+def test_cli_bench_a_users_checkpoint(tmp_path, capsys, monkeypatch):
     """`flm-rt bench --model PATH`: the checkpoint's own shape, rows labelled "model"; a missing path: exit 2."""
     import flm_rt
     from flm_rt.benchmarks.cli import cli_bench
@@ -215,3 +215,10 @@ def test_cli_bench_a_users_checkpoint(tmp_path, capsys):
     assert rows["flm_rt"]["tokens_match_reference"] == 1.0 and data["meta"]["model_path"] == str(ckpt)
     assert cli_bench(["--model", str(tmp_path / "absent")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # a Hub name that is not in the (empty, offline) cache: a clear error naming it, exit 2
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert cli_bench(["--model", "nobody/no-such-model"]) == 2
+    assert "nobody/no-such-model" in capsys.readouterr().err

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=QUICK_HELP)
     p.add_argument("--shapes", type=_names(list(SHAPES)), default=None,
                    help=f"comma-separated from {', '.join(SHAPES)} (default lm1b,owt)")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="bench this checkpoint (any format flm_rt.load reads) instead of random models of --shapes; "
+    p.add_argument("--model", default=None, metavar="PATH_OR_NAME",
+                   help="bench this checkpoint (a path in any format flm_rt.load reads, or a Hub name / alias) "
+                        "instead of random models of --shapes; "
                         "its rows are labelled shape 'model'")
     p.add_argument("--steps", type=_ints, default=None, help="comma-separated step counts (default 1,2,4,8)")
     p.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes (default 1,8 on CPU, "
@@ -137,9 +138,15 @@ def cli_bench(argv: Optional[Sequence[str]] = None) -> int:
 
         return cli_bench_serve(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.model is not None and not os.path.exists(args.model):
-        print(f"flm-rt bench: error: --model {args.model}: no such file or directory", file=sys.stderr)
-        return 2
+    if args.model is not None:  # a path or a Hub name / alias, as everywhere else
+        from ..api import resolve_source
+        from ..errors import FlmError
+
+        try:
+            args.model, _ = resolve_source(args.model)
+        except FlmError as e:
+            print(f"flm-rt bench: error: --model: {e}", file=sys.stderr)
+            return 2
     from .report import write_report
     from .suite import Suite
 
