@@ -248,7 +248,7 @@ class Kit:
     def tests(self) -> None:
         junit = self.logs / "junit.xml"
         junit.unlink(missing_ok=True)
-        files = ["tests/test_ops.py", "tests/test_ops_cuda.py", "tests/test_golden_cuda.py"]
+        files = ["tests/test_ops.py", "tests/test_ops_cuda.py", "tests/test_golden_cuda.py", "tests/test_cuda_graphs.py"]
         sel = ["-k", "cpu and misaligned"] if self.cpu else ["-m", "cuda"]
         res = self.run_step("tests", [self.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *sel,
                                       f"--junitxml={junit}", "-o", "addopts=-ra"])
