@@ -407,8 +407,6 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         if not bool(torch.isfinite(noise[:need].sum())) and not bool(torch.isfinite(noise[:need]).all()):
             raise GenerationError("noise contains NaN or infinite values")
         b, length = b_, l_
-        check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
-                             f"generating {b} x {length} tokens (V={cfg.vocab_size})")
 
         def draw(j: int) -> torch.Tensor:
             x = noise[j].to(device=dev, dtype=torch.float32)
@@ -429,8 +427,6 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
         b = num_samples
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise GenerationError(f"seed must be an int in [0, 2^64), got {brief(seed)}")
-        check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
-                             f"generating {b} x {length} tokens (V={cfg.vocab_size})")
         shape = (b, length, cfg.hidden_size if embedded else cfg.vocab_size)
         factor = model.embedded_noise_factor() if embedded else None
 
@@ -443,20 +439,21 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
             def draw(j: int) -> torch.Tensor:
                 return finish(torch.randn(shape, generator=generator, device=generator.device).to(dev))
         else:
-            if per_sample:
-                gens = list(generator)
-            else:
-                if seed is None:
-                    seed = int.from_bytes(os.urandom(7), "little")
-                gens = [torch.Generator(device=dev).manual_seed(sample_seed(seed, k)) for k in range(b)]
-
-            draw = cuda_graphs.seeded_draw(gens, shape, dev, finish if embedded else None)
+            if seed is None and not per_sample:
+                seed = int.from_bytes(os.urandom(7), "little")
+            draw = None  # per-sample generators, made below unless a captured graph replays this seed
+    check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
+                         f"generating {b} x {length} tokens (V={cfg.vocab_size})")
 
     graphed = None
     if cuda_graphs.wanted(cuda_graph, device=dev, batch=b, seeded=noise is None and generator is None,
                           callback=callback is not None or progress):
         key = cuda_graphs.GraphKey(b, length, steps, stochasticity, noise_space, kernels)
         graphed = cuda_graphs.graph_for(model, key)  # captured on the first call of this shape
+    elif draw is None:
+        gens = list(generator) if per_sample else [
+            torch.Generator(device=dev).manual_seed(sample_seed(seed, k)) for k in range(b)]
+        draw = cuda_graphs.seeded_draw(gens, shape, dev, finish if embedded else None)
     bar = on_step = None
     if progress:
         from tqdm.auto import tqdm

@@ -73,12 +73,13 @@ def _print_generation(model, gen, as_json: bool, timing: Optional[dict] = None) 
 
 def _show_step(tokenizer):
     """--show-steps: the text (or ids) of every sample after each step, on stderr."""
+    from tqdm import tqdm
+
     def show(step: int, t: float, ids) -> None:
         lines = [f"--- step {step + 1} (t = {t:.4f}) ---"]
         for k, row in enumerate(ids.tolist()):
             lines.append(f"[{k}] " + (tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row))))
         tqdm.write("\n".join(lines), file=sys.stderr)  # above a --progress bar, not through it
-    from tqdm import tqdm
 
     return show
 
@@ -206,12 +207,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _delegate(module: str, func: str):
-    def run(args) -> int:
-        import importlib
-
-        return importlib.import_module(module).__getattribute__(func)(args.rest)
-    return run
+# Commands with parsers of their own: main() hands them their argv untouched (argparse REMAINDER would not pass
+# every option through); build_parser() lists them for --help.
+_DELEGATED = {
+    "export": ("flm_rt.export", "cli_export", "export ONNX / TorchScript / AOTInductor graphs"),
+    "bench": ("flm_rt.benchmarks.cli", "cli_bench", "run the benchmark suite, write JSON/Markdown/PNG"),
+    "profile": ("flm_rt.profiling", "cli_profile", "torch.profiler trace and top kernels"),
+    "serve": ("flm_rt.serving.server", "cli_serve", "OpenAI-compatible HTTP server with dynamic batching"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,20 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)
 
-    for name, module, func, helptext in (
-        ("export", "flm_rt.export", "cli_export", "export ONNX / TorchScript / AOTInductor graphs"),
-        ("bench", "flm_rt.benchmarks.cli", "cli_bench", "run the benchmark suite, write JSON/Markdown/PNG"),
-        ("profile", "flm_rt.profiling", "cli_profile", "torch.profiler trace and top kernels"),
-        ("serve", "flm_rt.serving.server", "cli_serve", "OpenAI-compatible HTTP server with dynamic batching"),
-    ):
+    for name, (_, _, helptext) in _DELEGATED.items():
         e = sub.add_parser(name, help=helptext, add_help=False)
         e.add_argument("rest", nargs=argparse.REMAINDER)
-        e.set_defaults(func=_delegate(module, func))
     return p
 
-
-_DELEGATED = {"export": ("flm_rt.export", "cli_export"), "bench": ("flm_rt.benchmarks.cli", "cli_bench"),
-              "profile": ("flm_rt.profiling", "cli_profile"), "serve": ("flm_rt.serving.server", "cli_serve")}
 
 
 def _run_reporting(func, *args) -> int:
@@ -315,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] in _DELEGATED:  # their own parsers take every option (argparse REMAINDER would not)
         import importlib
 
-        module, func = _DELEGATED[argv[0]]
+        module, func, _ = _DELEGATED[argv[0]]
         return _run_reporting(lambda: getattr(importlib.import_module(module), func)(argv[1:]))
     args = build_parser().parse_args(argv)
     return _run_reporting(args.func, args)

@@ -13,6 +13,7 @@ for warm-up and capture and later calls only replay. ``generate(..., cuda_graph=
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -54,8 +55,6 @@ class GraphedGeneration:
     """One captured generation. ``replay(seed)`` -> static int64 ids [B, L] on the device."""
 
     def __init__(self, model, key: GraphKey):
-        from .api import sample_seed  # noqa: F401  (imported here: api imports this module lazily)
-
         dev = model.device
         if dev.type != "cuda":
             raise GenerationError(f"CUDA graphs need a CUDA model, this one is on {dev}")
@@ -95,7 +94,7 @@ class GraphedGeneration:
         self.replays = 0
 
     def replay(self, seed: int) -> torch.Tensor:
-        from .api import sample_seed
+        from .api import sample_seed  # (api imports this module)
 
         for k, g in enumerate(self.gens):
             g.manual_seed(sample_seed(seed, k))
@@ -122,8 +121,6 @@ def wanted(mode, *, device: torch.device, batch: int, seeded: bool, callback: bo
     """Whether ``generate`` replays a graph. ``mode``: "auto" (CUDA, a seeded call, no per-step callback,
     batch <= AUTO_MAX_BATCH), True/"on" (the same conditions, or a GenerationError that names the one not met),
     False/"off". None reads env FLM_RT_CUDA_GRAPHS (default auto)."""
-    import os
-
     if mode is None:
         mode = os.environ.get("FLM_RT_CUDA_GRAPHS", "auto").strip().lower() or "auto"
     if mode in (False, "0", "off", "false", "no"):
