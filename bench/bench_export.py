@@ -7,7 +7,7 @@
     python bench/bench_export.py [--steps 1] [--batch 3]     # script mode: one table, no pytest
 
 The artifacts are exported once per module into a temporary directory (the export time is reported in
-``extra_info``). To time an artifact of your own from other code use ``flm_rt.export.time_exported(path)``
+``extra_info``). To time an artifact of your own from other code use ``flm_rt.exporting.time_exported(path)``
 (re-exported here as ``time_exported``).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_EXP = importlib.import_module("flm_rt.export")
+_EXP = importlib.import_module("flm_rt.exporting")
 time_exported = _EXP.time_exported
 load_exported = _EXP.load_exported
 

@@ -10,16 +10,16 @@ from ._version import __version__  # noqa: E402  (pyproject.toml is the one plac
 from ._ext import build_info  # noqa: E402  (loads the compiled ops, or says why not, once)
 from . import hub, ops  # noqa: E402  (hub: the published-models table; huggingface_hub is imported on use)
 from .api import Generation, Model, convert, generate, load, random_model  # noqa: E402
-from .export import ExportError, export  # noqa: E402  (the function; the module stays flm_rt.export in sys.modules)
+from .exporting import export, load_exported  # noqa: E402  (the machinery: flm_rt.exporting)
 from .errors import (  # noqa: E402
-    CheckpointError, ConfigError, DeviceError, FlmError, GenerationError, HubError, NonFiniteWeightsError,
-    TokenizerError, UnsafeCheckpointError,
+    CheckpointError, ConfigError, DeviceError, ExportError, FlmError, GenerationError, HubError,
+    NonFiniteWeightsError, TokenizerError, UnsafeCheckpointError,
 )
 from .model import ModelConfig  # noqa: E402
 
 __all__ = [
-    "__version__", "build_info", "hub", "ops", "load", "generate", "convert", "export", "random_model", "Model",
-    "ModelConfig", "ExportError",
+    "__version__", "build_info", "hub", "ops", "load", "generate", "convert", "export", "load_exported",
+    "random_model", "Model", "ModelConfig", "ExportError",
     "Generation", "FlmError", "CheckpointError", "UnsafeCheckpointError", "NonFiniteWeightsError", "ConfigError",
     "GenerationError", "DeviceError", "TokenizerError", "HubError",
 ]

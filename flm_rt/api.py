@@ -11,45 +11,13 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import cuda_graphs, loading
-from .errors import CheckpointError, ConfigError, DeviceError, GenerationError, TokenizerError
-from .limits import MAX_SAMPLES, MAX_SEED, MAX_STEPS, Limits, brief, check_request_memory, generation_bytes
+from .devices import dtype_name, resolve_device, resolve_dtype
+from .errors import CheckpointError, ConfigError, GenerationError, TokenizerError
+from .limits import Limits, check_request_memory, generation_bytes
 from .model import Denoiser, ModelConfig
-from .samplers import draws_needed, make_plan, run_plan
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ConfigError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
-
-
-def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine "
-                              "(torch.cuda.is_available() is False); use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DeviceError(f"device {device!r} requested but MPS is not available")
-    elif dev.type != "cpu":
-        raise DeviceError(f"unsupported device type {dev.type!r}: use 'cpu' or 'cuda'")
-    return dev
+from .noise import draws_for, sample_seed  # noqa: F401  (sample_seed: part of the public API)
+from .samplers import SPACES, check_settings, draws_needed, make_plan, run_plan
+from .spec import rotary_inv_freq
 
 
 class Model:
@@ -78,8 +46,7 @@ class Model:
             net = Denoiser(config)
         net.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False, assign=True)
         if "rotary_emb.inv_freq" not in state_dict:  # a buffer: recompute when a file does not carry it
-            net.rotary_emb.inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.head_dim, 2,
-                                                                      dtype=torch.float32) / config.head_dim))
+            net.rotary_emb.inv_freq = rotary_inv_freq(config.head_dim)
         net = net.to(dev).eval().requires_grad_(False).set_compute_dtype(dt)
         from .cpu_features import warn_if_emulated
 
@@ -146,14 +113,14 @@ class Model:
             "source": self.source, "format": self.format, "weights": self.weights,
             "kind": "FMLM (two-time flow map)" if self.config.two_time else "FLM (one-time flow)",
             "config": self.config.to_dict(), "parameters": loading.param_count(self.config),
-            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device), "dtype": dtype_name(self.dtype),
             "tokenizer": self.tokenizer_status, "notes": self.notes,
         }
 
     def __repr__(self) -> str:
         c = self.config
         return (f"flm_rt.Model({'FMLM' if c.two_time else 'FLM'}, V={c.vocab_size}, L={c.length}, D={c.hidden_size}, "
-                f"N={c.n_blocks}, H={c.n_heads}, device={self.device}, dtype={str(self.dtype).replace('torch.', '')})")
+                f"N={c.n_blocks}, H={c.n_heads}, device={self.device}, dtype={dtype_name(self.dtype)})")
 
 
 def resolve_source(path: Union[str, os.PathLike], *, revision: Optional[str] = None,
@@ -307,26 +274,6 @@ class Generation:
         return 1e3 * self.elapsed_s / max(self.num_tokens, 1)
 
 
-_M64 = 2**64 - 1
-
-
-def sample_seed(seed: int, k: int) -> int:
-    """Seed of sample k's private generator: its draws depend on (seed, k) only, not on the batch size.
-    splitmix64 of seed + (k+1) * golden ratio: a bijection of [0, 2^64) for each k, so distinct seeds give
-    distinct generator seeds, and every bit of the seed reaches the low 32 bits (all that PyTorch's CPU
-    mt19937 uses)."""
-    z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-def _check_int(name, v, lo=1, hi=None):
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
-        bound = f" and <= {hi}" if hi is not None else ""
-        raise GenerationError(f"{name} must be an int >= {lo}{bound}, got {brief(v)}")
-
-
 def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, steps: int = 1,
              stochasticity: Optional[float] = None, seq_len: Optional[int] = None, seed: Optional[int] = None,
              generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
@@ -339,7 +286,7 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     fixes B and L. ``seed``: reproducible; sample k's draws depend only on (seed, k). ``generator``: draws the
     whole batch from that generator; a list of generators, one per sample (on the model's device), draws sample k
     from ``generator[k]`` exactly as ``seed`` does, so ``torch.Generator().manual_seed(sample_seed(s, k))`` gives
-    sample k of ``seed=s`` in any row of any batch (the server merges requests this way).
+    sample k of ``seed=s`` in any row of any batch (the server merges requests this way). See :mod:`flm_rt.noise`.
     Default stochasticity: the checkpoint's (0.0 if it says nothing).
     ``kernels``: "auto" | "torch" | "ext" (default: env FLM_RT_KERNELS, else auto).
     ``noise_space``: "vocab" (default) runs the SPEC's V-space process; "embedding" runs the same process
@@ -356,134 +303,79 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     captured graph of the whole generation (captured on the first call of that shape; the same ids as eager);
     True: always (a GenerationError says why it cannot); False: never. See :mod:`flm_rt.cuda_graphs`.
     """
-    if not isinstance(model, Model):
-        model = cached_load(model, device=device, dtype=dtype)
-    elif device is not None or dtype is not None:
-        raise GenerationError("device= and dtype= apply when model is a path or Hub name; load a Model with "
-                              "flm_rt.load(..., device=, dtype=) instead")
+    model = _model_for(model, device, dtype)
     if callback is not None and not callable(callback):
         raise GenerationError(f"callback must be callable(step, t, ids), got {type(callback).__name__}")
-    cfg = model.config
-    _check_int("steps", steps, 1, MAX_STEPS)
-    if stochasticity is None:
-        stochasticity = cfg.default_stochasticity
-    if isinstance(stochasticity, bool) or not isinstance(stochasticity, (int, float)) or not 0.0 <= stochasticity <= 1.0:
-        raise GenerationError(f"stochasticity must be a number in [0, 1], got {stochasticity!r}")
-    stochasticity = float(stochasticity)
-    if not cfg.two_time and stochasticity != 0.0:
-        raise GenerationError("stochasticity applies to two-time (FMLM) models only; this is an FLM model")
-    if sum(x is not None for x in (seed, generator, noise)) > 1:
-        raise GenerationError("give at most one of seed, generator and noise")
-    if noise_space not in ("vocab", "embedding"):
+    if noise_space not in SPACES:
         raise GenerationError(f"noise_space must be 'vocab' or 'embedding', got {noise_space!r}")
-    embedded = noise_space == "embedding"
+    cfg, dev = model.config, model.device
+    steps, stochasticity = check_settings(
+        two_time=cfg.two_time, steps=steps,
+        stochasticity=cfg.default_stochasticity if stochasticity is None else stochasticity)
     plan = make_plan(two_time=cfg.two_time, steps=steps, stochasticity=stochasticity, vocab_size=cfg.vocab_size)
-    need = draws_needed(plan)
-    dev = model.device
-
-    if noise is not None:
-        if not isinstance(noise, torch.Tensor) or noise.dim() != 4:
-            raise GenerationError(f"noise must be a float tensor [S, B, L, V], got "
-                                  f"{type(noise).__name__}{list(noise.shape) if isinstance(noise, torch.Tensor) else ''}")
-        if noise.device.type == "meta":
-            raise GenerationError("noise is a meta tensor (no data); pass real draws")
-        if not noise.is_floating_point():
-            raise GenerationError(f"noise must be floating point (standard-normal draws), got {noise.dtype}")
-        s_, b_, l_, v_ = noise.shape
-        if v_ != cfg.vocab_size:
-            raise GenerationError(f"noise has V={v_} but the model's vocabulary is {cfg.vocab_size}")
-        if l_ < 1 or l_ > cfg.length:
-            raise GenerationError(f"noise has L={l_}; it must be between 1 and the trained length {cfg.length}")
-        if b_ < 1:
-            raise GenerationError("noise has an empty batch dimension")
-        if s_ < need:
-            raise GenerationError(f"noise holds {s_} draws but {steps} step(s) at stochasticity {stochasticity} "
-                                  f"need {need} (z_0 plus one per stochastic step)")
-        if num_samples not in (1, b_) and num_samples is not None:
-            raise GenerationError(f"num_samples={num_samples} disagrees with the noise batch size {b_}")
-        if seq_len is not None and seq_len != l_:
-            raise GenerationError(f"seq_len={seq_len} disagrees with the noise length {l_}")
-        # A finite sum proves every draw finite (one cheap pass); only a non-finite sum needs the exact check.
-        if not bool(torch.isfinite(noise[:need].sum())) and not bool(torch.isfinite(noise[:need]).all()):
-            raise GenerationError("noise contains NaN or infinite values")
-        b, length = b_, l_
-
-        def draw(j: int) -> torch.Tensor:
-            x = noise[j].to(device=dev, dtype=torch.float32)
-            return x @ model.denoiser.vocab_embed.embedding.float() if embedded else x
-    else:
-        per_sample = isinstance(generator, (list, tuple))
-        if per_sample:
-            if not generator or not all(isinstance(g, torch.Generator) for g in generator):
-                raise GenerationError("generator must be a torch.Generator or a non-empty list of them")
-            if num_samples not in (1, len(generator)):
-                raise GenerationError(f"num_samples={num_samples} disagrees with the {len(generator)} generators")
-            if any(g.device.type != dev.type for g in generator):
-                raise GenerationError(f"per-sample generators must be on the model's device ({dev})")
-            num_samples = len(generator)
-        _check_int("num_samples", num_samples, 1, MAX_SAMPLES)
-        length = cfg.length if seq_len is None else seq_len
-        _check_int("seq_len", length, 1, cfg.length)
-        b = num_samples
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            raise GenerationError(f"seed must be an int in [0, 2^64), got {brief(seed)}")
-        shape = (b, length, cfg.hidden_size if embedded else cfg.vocab_size)
-        factor = model.embedded_noise_factor() if embedded else None
-
-        def finish(u: torch.Tensor) -> torch.Tensor:
-            return u @ factor.T if embedded else u
-        if generator is not None and not per_sample:
-            if not isinstance(generator, torch.Generator):
-                raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-
-            def draw(j: int) -> torch.Tensor:
-                return finish(torch.randn(shape, generator=generator, device=generator.device).to(dev))
-        else:
-            if seed is None and not per_sample:
-                seed = int.from_bytes(os.urandom(7), "little")
-            draw = None  # per-sample generators, made below unless a captured graph replays this seed
-    check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size, embedded=embedded), dev,
+    draws = draws_for(model, draws_needed(plan), noise=noise, seed=seed, generator=generator,
+                      num_samples=num_samples, seq_len=seq_len, space=noise_space,
+                      plan_name=f"{steps} step(s) at stochasticity {stochasticity}")
+    b, length = draws.batch, draws.length
+    check_request_memory(generation_bytes(b, length, cfg.vocab_size, cfg.hidden_size,
+                                          embedded=noise_space == "embedding"), dev,
                          f"generating {b} x {length} tokens (V={cfg.vocab_size})")
 
-    graphed = None
-    if cuda_graphs.wanted(cuda_graph, device=dev, batch=b, seeded=noise is None and generator is None,
+    if cuda_graphs.wanted(cuda_graph, device=dev, batch=b, seeded=draws.seeded,
                           callback=callback is not None or progress):
-        key = cuda_graphs.GraphKey(b, length, steps, stochasticity, noise_space, kernels)
-        graphed = cuda_graphs.graph_for(model, key)  # captured on the first call of this shape
-    elif draw is None:
-        gens = list(generator) if per_sample else [
-            torch.Generator(device=dev).manual_seed(sample_seed(seed, k)) for k in range(b)]
-        draw = cuda_graphs.seeded_draw(gens, shape, dev, finish if embedded else None)
+        graphed = cuda_graphs.graph_for(model, cuda_graphs.GraphKey(b, length, steps, stochasticity, noise_space,
+                                                                    kernels))  # captured on the first call
+        run = lambda on_step: graphed.replay(draws.seed)  # noqa: E731
+    else:
+        draw = draws.eager(dev)
+        run = lambda on_step: run_plan(model.denoiser, plan, draw, kernels=kernels, space=noise_space,  # noqa: E731
+                                       on_step=on_step, callback=callback)
+    ids, elapsed = _timed(run, dev, progress=progress, desc=f"sampling {b} x {length}", steps=steps)
+    gen = Generation(ids, None, steps, stochasticity, draws.seed, elapsed, device=str(dev),
+                     dtype=dtype_name(model.dtype))
+    if decode:
+        _decode(model, gen)
+    return gen
+
+
+def _model_for(model, device, dtype) -> Model:
+    if not isinstance(model, Model):
+        return cached_load(model, device=device, dtype=dtype)
+    if device is not None or dtype is not None:
+        raise GenerationError("device= and dtype= apply when model is a path or Hub name; load a Model with "
+                              "flm_rt.load(..., device=, dtype=) instead")
+    return model
+
+
+def _timed(run: Callable, dev: torch.device, *, progress: bool, desc: str, steps: int) -> tuple[torch.Tensor, float]:
+    """(ids [B, L] int64 on the CPU, seconds) of ``run(on_step)`` under inference mode, the device synchronised;
+    with ``progress`` a tqdm bar advances on every step."""
     bar = on_step = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=f"sampling {b} x {length}", unit="step", leave=False)
+        bar = tqdm(total=steps, desc=desc, unit="step", leave=False)
         on_step = lambda i: bar.update(1)  # noqa: E731
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            if graphed is not None:
-                ids = graphed.replay(seed)
-            else:
-                ids = run_plan(model.denoiser, plan, draw, kernels=kernels, space=noise_space, on_step=on_step,
-                               callback=callback)
+            ids = run(on_step)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0
-    ids = ids.to("cpu", torch.int64)
+    return ids.to("cpu", torch.int64), elapsed
 
-    text = documents = reason = None
+
+def _decode(model: Model, gen: Generation) -> None:
+    """Fill ``gen.text`` and ``gen.documents`` (or the reason there is no text) with the model's tokenizer."""
     t1 = time.perf_counter()
-    if decode:
-        tok = model.tokenizer
-        if tok is None:
-            reason = model.tokenizer_status.removeprefix("none: ")
-        else:
-            documents = [tok.decode_pieces(row.tolist()) for row in ids]
-            text = [tok.decode(row.tolist()) for row in ids]
-    return Generation(ids, text, steps, stochasticity, seed, elapsed, time.perf_counter() - t1, reason,
-                      str(dev), str(model.dtype).replace("torch.", ""), documents)
+    tok = model.tokenizer
+    if tok is None:
+        gen.text_unavailable_reason = model.tokenizer_status.removeprefix("none: ")
+    else:
+        gen.documents = [tok.decode_pieces(row.tolist()) for row in gen.token_ids]
+        gen.text = [tok.decode(row.tolist()) for row in gen.token_ids]
+    gen.decode_s = time.perf_counter() - t1

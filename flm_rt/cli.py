@@ -8,35 +8,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from . import cli_args
 from .errors import CheckpointError, FlmError, GenerationError
 
 DEMO_DIR_ENV = "FLM_RT_DEMO_MODEL"
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16 (mixed precision)")
-    p.add_argument("--n-heads", type=int, default=None, help="override the number of attention heads")
-    p.add_argument("--no-ema", action="store_true", help="use the training weights instead of the EMA weights")
-    _add_hub_args(p)
-
-
-def _add_hub_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--revision", default=None, help="Hub names: branch, tag or commit (default: the pinned commit "
-                                                    "of a published model, else main)")
-    p.add_argument("--cache-dir", default=None, help="Hub names: cache folder (default: HF_HUB_CACHE / HF_HOME)")
-    p.add_argument("--offline", action="store_true", help="Hub names: use the cache only (as HF_HUB_OFFLINE=1)")
-
-
-def _hub_kwargs(args) -> dict:
-    return {"revision": args.revision, "cache_dir": args.cache_dir, "local_files_only": args.offline}
-
-
-def _load(args):
-    from .api import load
-
-    return load(args.model, device=args.device, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema,
-                **_hub_kwargs(args))
 
 
 def _print_generation(model, gen, as_json: bool, timing: Optional[dict] = None) -> None:
@@ -98,7 +73,7 @@ def cmd_generate(args) -> int:
         published = hub.find_published(args.model) if not os.path.exists(args.model) else None
         steps = published.default_steps if published else 1
     t0 = time.perf_counter()
-    model = _load(args)
+    model = cli_args.load_model(args)
     load_s = time.perf_counter() - t0
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and steps >= 64)
     cold_s = None
@@ -122,7 +97,7 @@ def cmd_convert(args) -> int:
     from .api import convert
 
     out = convert(args.src, args.dst, dtype=args.dtype, n_heads=args.n_heads, use_ema=not args.no_ema,
-                  overwrite=args.overwrite, **_hub_kwargs(args))
+                  overwrite=args.overwrite, **cli_args.hub_kwargs(args))
     print(f"wrote {out}")
     return 0
 
@@ -130,7 +105,7 @@ def cmd_convert(args) -> int:
 def cmd_info(args) -> int:
     from ._ext import build_info
 
-    model = _load(args)
+    model = cli_args.load_model(args)
     info = model.info()
     if args.json:
         print(json.dumps(info, indent=1, default=str))
@@ -210,7 +185,7 @@ def cmd_demo(args) -> int:
 # Commands with parsers of their own: main() hands them their argv untouched (argparse REMAINDER would not pass
 # every option through); build_parser() lists them for --help.
 _DELEGATED = {
-    "export": ("flm_rt.export", "cli_export", "export ONNX / TorchScript / AOTInductor graphs"),
+    "export": ("flm_rt.exporting.cli", "cli_export", "export ONNX / TorchScript / AOTInductor graphs"),
     "bench": ("flm_rt.benchmarks.cli", "cli_bench", "run the benchmark suite, write JSON/Markdown/PNG"),
     "profile": ("flm_rt.profiling", "cli_profile", "torch.profiler trace and top kernels"),
     "serve": ("flm_rt.serving.server", "cli_serve", "OpenAI-compatible HTTP server with dynamic batching"),
@@ -225,15 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint or a Hub name")
-    g.add_argument("model", help="Hub name (e.g. david3684/FMLM-B-OWT, fmlm-owt), .ckpt file, hub or flm_rt "
-                                 "directory")
+    cli_args.add_model(g)
     g.add_argument("-n", "--num-samples", type=int, default=4)
     g.add_argument("--steps", type=int, default=None,
                    help="network calls (default: the paper's for a published model, else 1)")
-    g.add_argument("--seed", type=int, default=0)
+    cli_args.add_seed(g)
     g.add_argument("--stochasticity", type=float, default=None, help="FMLM only, in [0, 1]")
     g.add_argument("--seq-len", type=int, default=None)
-    g.add_argument("--kernels", choices=["auto", "torch", "ext"], default=None)
+    cli_args.add_kernels(g)
     g.add_argument("--noise-space", choices=["vocab", "embedding"], default="vocab",
                    help="embedding: same distribution, faster (no [B, L, V] noise); other draws per seed")
     g.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -243,24 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "on stderr")
     g.add_argument("--repeat", type=int, default=1, help="timed (warm) generations; the text is the last one's")
     g.add_argument("--no-warmup", action="store_true", help="time the cold first call instead of warming up")
-    _add_model_args(g)
+    cli_args.add_device(g)
+    cli_args.add_reading(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="convert a checkpoint or Hub name to the hub layout "
                                         "(model.safetensors + config.json)")
-    c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("src", help=cli_args.MODEL_HELP)
+    c.add_argument("dst", help="the output folder")
     c.add_argument("--dtype", default=None, help="store weights as float32 | bfloat16 | float16")
-    c.add_argument("--n-heads", type=int, default=None)
-    c.add_argument("--no-ema", action="store_true")
-    _add_hub_args(c)
+    cli_args.add_reading(c)
     c.add_argument("--overwrite", action="store_true", help="replace an existing flm_rt model at DST")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="architecture, parameter count, tokenizer, formats")
-    i.add_argument("model")
+    cli_args.add_model(i)
     i.add_argument("--json", action="store_true")
-    _add_model_args(i)
+    cli_args.add_device(i)
+    cli_args.add_reading(i)
     i.set_defaults(func=cmd_info)
 
     m = sub.add_parser("models", help="the published models, their pinned revisions and whether each is cached")
@@ -271,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate from the small built-in random-weight model")
     d.add_argument("-n", "--num-samples", type=int, default=2)
     d.add_argument("--steps", type=int, default=1)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default=None)
+    cli_args.add_seed(d)
+    d.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     d.set_defaults(func=cmd_demo)
 
     for name, (_, _, helptext) in _DELEGATED.items():

@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .errors import GenerationError
+from .noise import sample_seed, seeded_draw
 from .samplers import make_plan, run_plan
 
 MAX_GRAPHS_PER_MODEL = 8
@@ -35,20 +36,6 @@ class GraphKey:
     stochasticity: float
     space: str
     kernels: Optional[str]
-
-
-def seeded_draw(gens: list, shape: tuple, device: torch.device,
-                finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Callable[[int], torch.Tensor]:
-    """draw(j): one standard-normal draw [B, ...] with row k taken from ``gens[k]`` (then ``finish``, e.g. the
-    embedding-space factor). The eager seeded path and the graphs both draw through this function."""
-
-    def draw(j: int) -> torch.Tensor:
-        out = torch.empty(shape, device=device)
-        for k, g in enumerate(gens):
-            torch.randn(shape[1:], generator=g, device=device, out=out[k])
-        return finish(out) if finish is not None else out
-
-    return draw
 
 
 class GraphedGeneration:
@@ -94,8 +81,6 @@ class GraphedGeneration:
         self.replays = 0
 
     def replay(self, seed: int) -> torch.Tensor:
-        from .api import sample_seed  # (api imports this module)
-
         for k, g in enumerate(self.gens):
             g.manual_seed(sample_seed(seed, k))
         self.graph.replay()

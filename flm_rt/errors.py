@@ -36,3 +36,7 @@ class TokenizerError(FlmError, RuntimeError):
 class HubError(FlmError, OSError):
     """A model named by Hugging Face Hub repo id is not in the cache and cannot be fetched (offline, no such repo,
     revision or file, a download that failed); the message names the repo, the revision and the cache folder."""
+
+
+class ExportError(FlmError, ValueError):
+    """An export request that cannot be carried out (bad format/what/steps, unwritable output, unsupported model)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,8 @@ from torch import nn
 
 from . import nvtx, prepack
 from .limits import brief
-
-ATTN_SOFTCAP = 50.0
-LOGIT_SOFTCAP = 30.0
-TIME_FREQ_DIM = 256
+from .spec import (ATTN_SOFTCAP, LAYER_NORM_EPS, LOGIT_SOFTCAP, ROTARY_BASE, TIME_FREQ_BASE, TIME_FREQ_DIM,
+                   rotary_inv_freq)
 
 
 @dataclass
@@ -74,7 +72,7 @@ class ModelConfig:
 def timestep_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM) -> torch.Tensor:
     """[B] -> [B, dim] sinusoidal features, cos first, w_i = exp(-ln(10000) i / (dim/2))."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(TIME_FREQ_BASE) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -89,10 +87,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, base: float = ROTARY_BASE):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq)
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, base))
 
     def cos_sin(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(seq_len, dtype=torch.float32, device=device)
@@ -108,7 +105,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LayerNorm(nn.Module):
-    """Mean/variance normalisation over D in fp32 (eps 1e-5, no bias), then a learned scale."""
+    """Mean/variance normalisation over D in fp32 (eps LAYER_NORM_EPS, no bias), then a learned scale."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -116,7 +113,8 @@ class LayerNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fp32(lambda: F.layer_norm(x.float(), [self.dim], weight=self.weight.float(), eps=1e-5), x)
+        return _fp32(lambda: F.layer_norm(x.float(), [self.dim], weight=self.weight.float(),
+                                        eps=LAYER_NORM_EPS), x)
 
 
 def _fp32(fn, like: torch.Tensor) -> torch.Tensor:
@@ -149,6 +147,10 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(probs, v)
 
 
+# softcapped_attention's signature: (q, k, v, workspace or None) -> o; Denoiser.set_attention swaps it.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
 def _linear(layer: nn.Linear, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
     """layer(x) (then GELU-tanh when asked), with the prepacked CPU GEMM where it applies (flm_rt.prepack)."""
     return prepack.linear(x, layer.weight, layer.bias, activation=activation)
@@ -167,6 +169,7 @@ class Block(nn.Module):
         # published key names (mlp.0.*, mlp.2.*).
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
+        self.attention: AttentionFn = softcapped_attention
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -177,7 +180,7 @@ class Block(nn.Module):
         a = modulate(self.norm1(x), shift1, scale1)
         qkv = _linear(self.attn_qkv, a).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
         qk = apply_rotary(qkv[:2], cos, sin)  # q and k together
-        o = softcapped_attention(qk[0], qk[1], qkv[2], workspace).transpose(1, 2).reshape(b, l, d)
+        o = self.attention(qk[0], qk[1], qkv[2], workspace).transpose(1, 2).reshape(b, l, d)
         x = torch.addcmul(x, gate1, _linear(self.attn_out, o))  # x + gate1 * attn_out(o)
 
         m = modulate(self.norm2(x), shift2, scale2)
@@ -242,6 +245,13 @@ class Denoiser(nn.Module):
             for m in part.modules():
                 if isinstance(m, nn.Linear):
                     m.to(dtype if dtype != torch.float32 else torch.float32)
+        return self
+
+    def set_attention(self, attention: Optional[AttentionFn] = None) -> "Denoiser":
+        """The function every block computes its soft-capped attention with: ``softcapped_attention`` (None, the
+        default), or one of the same signature and meaning, e.g. the exporter's ONNX Attention op."""
+        for block in self.blocks:
+            block.attention = softcapped_attention if attention is None else attention
         return self
 
     def conditioning(self, t: torch.Tensor, t_prime: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The two hot operators of the samplers, their meaning, and the one place that chooses how they run.
 
-* ``flow_map_step(z, logits, a, b, c, eps=None, cap=30.0)`` -- one sampler update::
+* ``flow_map_step(z, logits, a, b, c, eps=None, cap=LOGIT_SOFTCAP)`` -- one sampler update::
 
       z_out = a * z + b * softmax(cap * tanh(logits / cap), dim=-1) + c * eps        (all in float32)
 
@@ -24,17 +24,8 @@ Choosing the implementation (``backend`` argument, else env ``FLM_RT_KERNELS``, 
   ``torch`` the reference (plain tensor ops; what the exporters use: traceable by torch.export, ONNX,
             TorchScript tracing).
 
-Where a, b, c come from (docs/KERNELS.md, /work/shared/SPEC.md section 4), with g_i = gamma(tau_i) and
-D = P(f(.)) = softmax of the soft-capped logits:
-
-  FMLM step i (i < n-1), stochasticity s:
-      sig  = 1 - g_{i+1};   sig~ = sig * sqrt(1 - s^2);   g~ = 1 - sig~
-      a = (1 - g~) / (1 - g_i)
-      b = (g~ - g_i) / (1 - g_i) + (sig~ - sig)
-      c = s * sig                       (eps = fresh N(0, I) draw; eps=None / c=0 when s == 0)
-  FLM Euler step i (i < n-1):
-      h = (g_{i+1} - g_i) / (1 - g_i + 1e-5);   a = 1 - h;   b = h;   c = 0 (eps=None)
-  Last step (i == n-1) of either: z_n = D, i.e. a = 0, b = 1, c = 0 (eps=None).
+Where a, b, c come from: the sampler's plan (:func:`flm_rt.samplers.make_plan`, SPEC section 4); the last step
+of either sampler is a = 0, b = 1, c = 0.
 
 a, b, c may be Python floats or float tensors broadcastable to ``z.shape[:-1]`` (e.g. [B, 1] for
 z of shape [B, L, V]: one coefficient per sequence).
@@ -47,8 +38,9 @@ from typing import Optional, Union
 
 import torch
 
-from . import _ext
+from . import _ext, prepack, tracing
 from .errors import ConfigError, DeviceError
+from .spec import LOGIT_SOFTCAP
 
 __all__ = [
     "flow_map_step",
@@ -97,7 +89,7 @@ def _ref_coef(v: Coef, z: torch.Tensor) -> Union[float, torch.Tensor]:
 
 
 def flow_map_step_reference(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: Coef,
-                            eps: Optional[torch.Tensor] = None, cap: float = 30.0) -> torch.Tensor:
+                            eps: Optional[torch.Tensor] = None, cap: float = LOGIT_SOFTCAP) -> torch.Tensor:
     """``a*z + b*softmax(cap*tanh(logits/cap), -1) + c*eps`` computed in float32 (cap <= 0: no soft-cap).
 
     z, eps: [..., V] (used as float32); logits: [..., V] any float dtype (upcast to float32 first);
@@ -123,7 +115,7 @@ def vocab_argmax_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def vocab_pass_argmax_reference(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                                cap: float = 30.0) -> tuple[torch.Tensor, torch.Tensor]:
+                                cap: float = LOGIT_SOFTCAP) -> tuple[torch.Tensor, torch.Tensor]:
     """``vocab_argmax(cap * tanh((y @ weight^T + bias) / cap))`` with the whole logits tensor, in the dtype of y
     (cap <= 0: of the raw logits). The soft-cap is the same three ops as ``flm_rt.model.softcap_logits``."""
     logits = torch.nn.functional.linear(y, weight, bias)
@@ -134,7 +126,7 @@ def vocab_pass_argmax_reference(y: torch.Tensor, weight: torch.Tensor, bias: Opt
 
 
 def vocab_pass_embed_reference(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                               embed: torch.Tensor, cap: float = 30.0) -> torch.Tensor:
+                               embed: torch.Tensor, cap: float = LOGIT_SOFTCAP) -> torch.Tensor:
     """``softmax(cap * tanh(logits / cap)) @ embed`` in float32, logits = y @ weight^T + bias (upcast to float32
     first, as the samplers do); cap <= 0: no soft-cap."""
     x = torch.nn.functional.linear(y, weight, bias).to(torch.float32)
@@ -234,20 +226,6 @@ def _requested_backend(backend: Optional[str]) -> str:
     return b
 
 
-def _tracing() -> bool:
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return True
-    try:
-        if torch.compiler.is_exporting():
-            return True
-    except AttributeError:  # pragma: no cover - older torch
-        pass
-    try:
-        return bool(torch.onnx.is_in_onnx_export())
-    except Exception:  # pragma: no cover
-        return False
-
-
 def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: str = "flow_map_step",
                     backend: Optional[str] = None) -> str:
     """Which implementation ``op`` ("flow_map_step" or "vocab_argmax") would use for inputs on ``device``
@@ -271,7 +249,7 @@ def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: st
             raise DeviceError(f"flm_rt: backend 'ext' requested for {op} but its kernels take "
                                f"{', '.join(str(d) for d in dtypes)}, got {dtype}")
         return "ext"
-    if _ext.EXT_LOADED and dtype in dtypes and _ext.has_kernel(op, dev) and not _tracing():
+    if _ext.EXT_LOADED and dtype in dtypes and _ext.has_kernel(op, dev) and not tracing.is_exporting():
         return "ext"
     return "torch"
 
@@ -297,7 +275,7 @@ def _rows_coef(v: Coef, z: torch.Tensor, name: str) -> torch.Tensor:
 # The dispatch points the samplers use
 # --------------------------------------------------------------------------------------------------
 def flow_map_step(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: Coef,
-                  eps: Optional[torch.Tensor] = None, cap: float = 30.0, *,
+                  eps: Optional[torch.Tensor] = None, cap: float = LOGIT_SOFTCAP, *,
                   backend: Optional[str] = None) -> torch.Tensor:
     """``a*z + b*softmax(cap*tanh(logits/cap), -1) + c*eps`` as a new float32 tensor (see module doc).
 
@@ -314,7 +292,7 @@ def flow_map_step(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: Co
 
 
 def flow_map_step_(z: torch.Tensor, logits: torch.Tensor, a: Coef, b: Coef, c: Coef,
-                   eps: Optional[torch.Tensor] = None, cap: float = 30.0, *,
+                   eps: Optional[torch.Tensor] = None, cap: float = LOGIT_SOFTCAP, *,
                    backend: Optional[str] = None) -> torch.Tensor:
     """In-place ``flow_map_step``: writes the result into z (float32) and returns z."""
     be = kernels_backend(z.device, logits.dtype, "flow_map_step_", backend)
@@ -352,16 +330,15 @@ def vocab_chunk(chunk: Optional[int] = None, rows: int = 1) -> int:
 def _pass_prepacked(dtype: torch.dtype) -> bool:
     """Whether the kernel may use (and cache) oneDNN-reordered weight chunks: as flm_rt.prepack decides, for fp32,
     and for bf16 where the CPU has native bf16 (oneDNN refuses to reorder bf16 weights below AVX512-BW)."""
-    from . import prepack  # (prepack imports this module)
     from .cpu_features import native_bf16
 
-    if not prepack.is_enabled() or torch.is_grad_enabled() or prepack._tracing():
+    if not prepack.is_enabled() or torch.is_grad_enabled() or tracing.is_capturing():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
 
 
 def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      cap: float = 30.0, *, chunk: Optional[int] = None,
+                      cap: float = LOGIT_SOFTCAP, *, chunk: Optional[int] = None,
                       backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices int64 [...], values [...])`` of the maximum over V of ``cap*tanh((y @ weight^T + bias)/cap)``
     (cap <= 0: raw logits), without building the [..., V] logits (compiled kernel); the reference builds them.
@@ -375,7 +352,7 @@ def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 def vocab_pass_embed(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,
-                     cap: float = 30.0, *, chunk: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+                     cap: float = LOGIT_SOFTCAP, *, chunk: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """``softmax(cap*tanh((y @ weight^T + bias)/cap)) @ embed`` in float32 [..., De], by an online softmax over
     vocabulary chunks (compiled kernel); embed float32 [V, De]."""
     if kernels_backend(y.device, y.dtype, "vocab_pass_embed", backend) == "torch":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .ops import _tracing as _ops_tracing
+from .tracing import is_capturing
 
 __all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_inference"]
 
@@ -60,17 +60,13 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _tracing() -> bool:
-    return _ops_tracing() or torch.compiler.is_compiling()
-
-
 def cpu_fp32_inference(*tensors: torch.Tensor) -> bool:
     """True when every tensor is a dense fp32 CPU tensor, autocast is off, nothing needs gradients and nothing
     is being traced or exported: where flm_rt may use oneDNN-specific, in-place and ``out=`` fast paths."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.is_mkldnn for t in tensors)
             and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not _tracing())
+            and not is_capturing())
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -85,7 +81,7 @@ def _applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and (bias is None or bias.dtype == torch.bfloat16)
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not _tracing()):
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not is_capturing()):
         return False
     from .cpu_features import native_bf16
 

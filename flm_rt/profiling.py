@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from . import cli_args
+
 RANGE_RE = re.compile(r"^(embedding|conditioning|block\d+|output_layer|flow_map_step|argmax)$")
 
 
@@ -26,16 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--stochasticity", type=float, default=None)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    p.add_argument("--kernels", choices=["auto", "torch", "ext"], default=None)
+    cli_args.add_device(p)
+    cli_args.add_kernels(p)
     p.add_argument("--noise-space", choices=["vocab", "embedding"], default=None)
     p.add_argument("--reference", action="store_true",
                    help="profile the research-code reference sampler instead of flm_rt (benchmarks.reference)")
     p.add_argument("--out", default="trace.json", help="Chrome trace path (default trace.json)")
     p.add_argument("--top", type=int, default=15, help="rows of the top-ops table")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    cli_args.add_seed(p)
     return p
 
 
@@ -156,7 +157,7 @@ def cli_profile(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from .api import resolve_device, resolve_dtype
+    from .devices import resolve_device, resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)

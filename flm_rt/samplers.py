@@ -22,12 +22,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import nvtx, ops
-from .errors import ConfigError
-from .model import LOGIT_SOFTCAP, Denoiser, softcap_logits
+from . import nvtx, ops, tracing
+from .errors import ConfigError, GenerationError
+from .limits import MAX_STEPS, brief
+from .model import Denoiser, softcap_logits
 from .schedule import alpha_of_gamma, gamma_grid
-
-FLM_EULER_EPS = 1e-5
+from .spec import FLM_EULER_EPS, LOGIT_SOFTCAP
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,28 @@ class SamplerStep:
         return not self.last and self.c != 0.0
 
 
+class SamplerSettingsError(GenerationError):
+    """Invalid steps or stochasticity (raised by :func:`check_settings`, for every entry point)."""
+
+
+def check_settings(*, two_time: bool, steps, stochasticity) -> tuple[int, float]:
+    """``(steps, stochasticity)`` checked for a model of this kind: steps an int in [1, MAX_STEPS], stochasticity
+    a number in [0, 1] and 0 for one-time (FLM) models. The one place these rules live: generate, export, the
+    CUDA graphs and the server all plan through :func:`make_plan` or call this first."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise SamplerSettingsError(f"steps must be an int >= 1 and <= {MAX_STEPS}, got {brief(steps)}")
+    s = stochasticity
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:  # NaN fails too
+        raise SamplerSettingsError(f"stochasticity must be a number in [0, 1], got {brief(s)}")
+    if not two_time and s != 0.0:
+        raise SamplerSettingsError("stochasticity applies to two-time (FMLM) models only; this is an FLM model")
+    return steps, float(s)
+
+
 def make_plan(*, two_time: bool, steps: int, stochasticity: float, vocab_size: int) -> tuple[SamplerStep, ...]:
-    """The per-step times and coefficients for `steps` steps; see the module docstring."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    s = float(stochasticity)
-    if not 0.0 <= s <= 1.0:
-        raise ValueError(f"stochasticity must lie in [0, 1], got {stochasticity!r}")
+    """The per-step times and coefficients for `steps` steps (checked by :func:`check_settings`); see the module
+    docstring."""
+    steps, s = check_settings(two_time=two_time, steps=steps, stochasticity=stochasticity)
     g = gamma_grid(steps, vocab_size)
     plan = []
     for i in range(steps):
@@ -137,38 +152,48 @@ def run_plan(
     *,
     kernels: Optional[str] = None,
     space: str = "vocab",
+    fused: Optional[bool] = None,
+    coefficients: Optional[torch.Tensor] = None,
     on_step: Optional[Callable[[int], None]] = None,
     callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-    fused: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Run the sampler; returns token ids [B, L].
+    """Run the sampler; returns token ids [B, L] (int64, on the state's device).
 
-    space="vocab": the SPEC's process. The state z lives in R^V; draw(j) returns the j-th standard-normal draw,
-    fp32 [B, L, V]; each update is one fused ``ops.flow_map_step`` pass.
+    The one sampler loop: ``generate`` runs it eagerly, :mod:`flm_rt.cuda_graphs` captures it, and the exported
+    generate graph (:class:`flm_rt.exporting.graphs.GenerateGraph`) is a trace of it. What differs between them
+    are the arguments:
+
+    draw(j): the j-th Gaussian draw in SPEC order (j = 0 is z_0). A seeded eager call draws from per-sample
+    generators, an exported graph indexes its noise input, a captured graph draws from generators registered
+    with the graph.
+    space="vocab": the SPEC's process. The state z lives in R^V; draw(j) returns fp32 [B, L, V]; each update is
+    one fused ``ops.flow_map_step`` pass.
     space="embedding": the same process observed through the embedding. The network sees z only as h = z @ E,
     and every update is linear in z, so h_{i+1} = a h_i + b (P_i @ E) + c (eps_i @ E) evolves on its own and
     the V-space state is never formed. draw(j) must then return eps_j @ E, i.e. draws of N(0, E^T E) [B, L, D].
-    The final argmax needs only the logits. Same distribution of outputs, fewer FLOPs and bytes (no V-space
-    noise, no embedding matmul of the noise).
+    The final argmax needs only the logits. Same distribution of outputs, fewer FLOPs and bytes.
+    kernels: the op backend ("auto" | "torch" | "ext"; None: env FLM_RT_KERNELS). Exported graphs use "torch".
+    fused (default: env FLM_RT_FUSED_VOCAB, on): the last step's argmax and the embedding-space P @ E run as one
+    pass over vocabulary chunks with the output projection (``ops.vocab_pass_*``), so no [B, L, V] logits exist
+    there; vocabulary-space updates need the logits and are unchanged. Exported graphs pass False.
+    coefficients: float32 [len(plan), 3] rows (a, b, c) on the state's device (an exported graph's buffer);
+    default: filled on the device at each step (no host-to-device copy, so a CUDA graph can capture the loop).
     on_step(i): after step i. callback(i, t, ids): after step i with t = (i+1)/n and the argmax ids [B, L] (int64,
     CPU) of the state (V-space) or of the prediction (embedding space, whose state is not in R^V); the output ids at
     the last step. The argmax is computed only when a callback is given.
-
-    fused (default: env FLM_RT_FUSED_VOCAB, on): the last step's argmax and the embedding-space P @ E run as one
-    pass over vocabulary chunks with the output projection (``ops.vocab_pass_*``), so no [B, L, V] logits exist
-    there; vocabulary-space updates need the logits and are unchanged.
+    Under a graph capturer every update writes a new tensor; eagerly, updates after the first write in place.
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     x = draw(0)
-    b = x.shape[0]
     forward = denoiser if space == "vocab" else denoiser.forward_embedded
     features = denoiser.features if space == "vocab" else denoiser.features_embedded
     fused = fused_vocab_pass(fused)
+    in_place = not tracing.is_capturing()
     used = 1
     for i, st in enumerate(plan):
-        t = torch.full((b,), st.t, dtype=torch.float32, device=x.device)
-        tp = None if st.t_prime is None else torch.full((b,), st.t_prime, dtype=torch.float32, device=x.device)
+        t = torch.full_like(x[:, 0, 0], st.t, dtype=torch.float32)  # [B], batch size taken from the tensor
+        tp = None if st.t_prime is None else torch.full_like(t, st.t_prime)
         if fused and (st.last or space == "embedding"):
             y, logits = features(x, t, tp), None
         else:
@@ -187,11 +212,13 @@ def run_plan(
             used += 1
         with nvtx.range("flow_map_step"):
             if space == "vocab":
-                # filled on the device (no host-to-device copy, so the loop can be captured in a CUDA graph)
-                coef = torch.empty(3, dtype=torch.float32, device=x.device)
-                coef[0], coef[1], coef[2] = st.a, st.b, st.c
+                if coefficients is not None:
+                    coef = coefficients[i]
+                else:
+                    coef = torch.empty(3, dtype=torch.float32, device=x.device)
+                    coef[0], coef[1], coef[2] = st.a, st.b, st.c
                 # The first update writes a new tensor (draw(0) may be the caller's noise); later ones reuse it.
-                step = ops.flow_map_step_ if i > 0 else ops.flow_map_step
+                step = ops.flow_map_step_ if (i > 0 and in_place) else ops.flow_map_step
                 x = step(x, logits, coef[0:1], coef[1:2], coef[2:3], eps, LOGIT_SOFTCAP, backend=kernels)
             else:
                 if y is not None:

@@ -117,6 +117,11 @@ def tokenizer_kind(name: Optional[str], vocab_size: int) -> tuple[Optional[str],
     return kind, None
 
 
+def fitting_kind(kind: Optional[str], vocab_size: int) -> Optional[str]:
+    """``kind`` when flm_rt ships that tokenizer and it fits a vocabulary of ``vocab_size`` tokens, else None."""
+    return kind if kind in VOCAB_SIZES and vocab_size in VOCAB_SIZES[kind] else None
+
+
 def get_tokenizer(kind: Optional[str], vocab_size: int) -> TextTokenizer:
     """The tokenizer for a model, or TokenizerError saying why there is none."""
     if kind == "gpt2":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flm_rt
-from flm_rt import cuda_graphs
+from flm_rt import cuda_graphs, noise
 from flm_rt.errors import GenerationError
 
 from conftest import small_config
@@ -54,8 +54,8 @@ def test_capture_refuses_a_cpu_model():
 def test_seeded_draw_is_the_per_sample_rule():
     """Row k of a draw comes from its own generator only: the same rows whatever the batch around them."""
     gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
-    d3 = cuda_graphs.seeded_draw(gens, (3, 4, 9), torch.device("cpu"))(0)
-    d1 = cuda_graphs.seeded_draw([torch.Generator().manual_seed(6)], (1, 4, 9), torch.device("cpu"))(0)
+    d3 = noise.seeded_draw(gens, (3, 4, 9), torch.device("cpu"))(0)
+    d1 = noise.seeded_draw([torch.Generator().manual_seed(6)], (1, 4, 9), torch.device("cpu"))(0)
     assert torch.equal(d3[1], d1[0]) and not torch.equal(d3[0], d3[1])
 
 

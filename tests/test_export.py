@@ -28,7 +28,7 @@ import torch
 import flm_rt
 from flm_rt.model import softcap_logits
 
-EXP = importlib.import_module("flm_rt.export")  # the module (flm_rt.export may be re-exported as the function)
+EXP = importlib.import_module("flm_rt.exporting")  # the machinery (flm_rt.export is the function)
 ExportError = EXP.ExportError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ _AOTI_JOB = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)  # the foreground tests use the other core
     import flm_rt
-    from flm_rt.export import export
+    from flm_rt.exporting import export
     golden, out, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     models = {}
     for kind, what, steps, s, name in cases:
@@ -634,7 +634,7 @@ def test_onnx_external_data(tmp_path, models, vectors, monkeypatch):
     import onnx
     import onnxruntime as ort
 
-    monkeypatch.setattr(EXP, "ONNX_EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(EXP.formats, "ONNX_EXTERNAL_DATA_BYTES", 0)  # the ONNX writer's threshold
     path = EXP.export(models["flm"], tmp_path / "ext.onnx", format="onnx", what="denoiser")
     meta = json.loads(Path(str(path) + ".json").read_text())
     data = meta["export_info"]["external_data"]

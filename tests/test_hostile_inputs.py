@@ -552,7 +552,7 @@ def test_demo_first_use_race(tmp_path, monkeypatch):
 
 
 def test_one_overwrite_rule_for_convert_and_export(golden_dir, tmp_path):
-    from flm_rt.export import ExportError
+    from flm_rt.exporting import ExportError
 
     dst = flm_rt.convert(golden_dir / "fmlm.ckpt", tmp_path / "out")
     with pytest.raises(CheckpointError, match="already exists.*overwrite"):

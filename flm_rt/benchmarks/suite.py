@@ -4,7 +4,7 @@ Rows (what is timed, always from pre-drawn Gaussian noise unless the noise does 
 - ``flm_rt``: ``flm_rt.generate(..., kernels="auto")`` (compiled ops when built);
 - ``flm_rt[torch-kernels]``: the same with the pure-PyTorch ops (``kernels="torch"``);
 - ``reference``: :func:`flm_rt.benchmarks.reference.reference_generate`, the research code's computation;
-- ``onnx`` / ``torchscript`` / ``aoti``: graphs from ``flm_rt.export`` (when that module exists);
+- ``onnx`` / ``torchscript`` / ``aoti``: graphs from ``flm_rt.export`` (``flm_rt.exporting``);
 - ``autoregressive``: a SmolLM2-135M-class causal LM generating the same number of tokens with a KV cache.
 """
 from __future__ import annotations
@@ -639,9 +639,9 @@ class Suite:
         import importlib
 
         try:
-            export_mod = importlib.import_module("flm_rt.export")
+            export_mod = importlib.import_module("flm_rt.exporting")
         except ImportError as e:
-            raise _Skip(f"flm_rt.export is not available ({e})") from None
+            raise _Skip(f"flm_rt.exporting is not available ({e})") from None
         fmt = res.row
         suffix = {"onnx": ".onnx", "torchscript": ".pt", "aoti": ".pt2"}[fmt]
         key = (res.shape, fmt, steps, s)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FlmError, GenerationError
+from ..samplers import SamplerSettingsError, check_settings
 from .engine import Job, JobResult, QueueFullError, RequestTimeoutError, ShuttingDownError
 from .metrics import CONTENT_TYPE, ServingMetrics
 
@@ -128,11 +129,10 @@ def make_job(req: CompletionRequest, card: ModelCard, limits: Limits) -> Job:
         raise ApiError(400, f"max_tokens must be between 1 and the generated length {length}, got {max_tokens}",
                        param="max_tokens")
     s = card.default_stochasticity if req.stochasticity is None else req.stochasticity
-    if not 0.0 <= s <= 1.0:  # NaN fails too
-        raise ApiError(400, f"stochasticity must be in [0, 1], got {s}", param="stochasticity")
-    if s != 0.0 and not card.two_time:
-        raise ApiError(400, "stochasticity applies to two-time (FMLM) models only; this is an FLM model",
-                       param="stochasticity")
+    try:
+        _, s = check_settings(two_time=card.two_time, steps=req.steps, stochasticity=s)
+    except SamplerSettingsError as e:
+        raise ApiError(400, str(e), param="steps" if str(e).startswith("steps") else "stochasticity") from None
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
         raise ApiError(400, f"seed must be between 0 and {MAX_SEED}, got {req.seed}", param="seed")
     if req.logprobs:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from .. import cli_args
 from ..api import Model, load
 from ..errors import ConfigError
 
@@ -162,13 +163,12 @@ def _positive(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flm-rt serve",
                                 description="Serve a model over an OpenAI-compatible HTTP API with dynamic batching.")
-    p.add_argument("model", help=".ckpt file, hub directory or flm_rt directory (anything flm_rt.load takes)")
+    cli_args.add_model(p)
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the path's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
-    p.add_argument("--n-heads", type=int, default=None)
+    cli_args.add_device(p)
+    p.add_argument("--n-heads", type=int, default=None, help="override the number of attention heads")
     p.add_argument("--max-batch", type=_positive(int), default=64, help="samples per generate call (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for company")
     p.add_argument("--max-queue", type=_positive(int), default=256, help="requests waiting; more get 429")
