@@ -133,7 +133,7 @@ def build_info(short: bool = False) -> dict[str, Any] | str:
 
 def _version() -> str:
     try:
-        from . import __version__
+        from ._version import __version__
 
         return __version__
     except Exception:

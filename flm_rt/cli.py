@@ -193,7 +193,7 @@ _DELEGATED = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="flm-rt", description="Run FLM / FMLM text generators.")
     p.add_argument("--version", action="version", version=f"flm-rt {__version__}")

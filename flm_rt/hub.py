@@ -102,7 +102,7 @@ def resolve(name: str, *, revision: Optional[str] = None, cache_dir: Optional[st
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub import errors as hf_errors
 
-    from . import __version__
+    from ._version import __version__
 
     published = find_published(name)
     repo_id = published.repo_id if published else str(name)

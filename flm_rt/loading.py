@@ -433,7 +433,7 @@ def write_flm_rt(dst: str, config: ModelConfig, state_dict: dict[str, torch.Tens
     :mod:`flm_rt.outputs` apply (an existing output is replaced only with ``overwrite`` and only if flm_rt wrote it)."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
 
     dst = os.path.abspath(os.fspath(dst))
     parent = os.path.dirname(dst)

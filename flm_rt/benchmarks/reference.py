@@ -16,8 +16,9 @@ checkpoint, so that the benchmark can compare flm_rt against it on the same weig
 - the FMLM update is written as the two separate expressions of SPEC section 4 (z~, then z_{i+1}), FLM as the
   Euler update; the output is the argmax over the final probabilities.
 
-It uses none of flm_rt.ops, flm_rt.samplers or flm_rt.model (only the weights of a loaded Model and the float64
-time schedule of flm_rt.schedule, which the reference evaluates once per step with splines), and nothing beyond
+It uses none of flm_rt.ops, flm_rt.samplers or flm_rt.model (only the weights of a loaded Model, the SPEC's
+constants from flm_rt.spec and the float64 time schedule of flm_rt.schedule, which the reference evaluates once
+per step with splines), and nothing beyond
 ``torch.no_grad``. When ``flm_rt.nvtx`` is enabled (``flm-rt profile --reference``) it marks the same named ranges
 as flm_rt (embedding, block{i}, output_layer; "flow_map_step" = soft-cap + log_softmax + exp + the unfused
 update, "argmax" = soft-cap + log_softmax + exp + argmax at the last step), so the two profiles compare directly.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import nvtx
 from ..schedule import alpha_of_gamma, gamma_of_alpha
+from ..spec import ATTN_SOFTCAP, FLM_EULER_EPS, LOGIT_SOFTCAP, ROTARY_BASE, TIME_FREQ_BASE
 
 __all__ = ["ReferenceDenoiser", "reference_generate", "draws_needed"]
 
@@ -50,7 +52,7 @@ class ReferenceDenoiser:
     # -- pieces, research-code style ------------------------------------------------------------------------
     def _timestep_embedding(self, t: torch.Tensor, prefix: str) -> torch.Tensor:
         half = 128
-        freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(TIME_FREQ_BASE) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         h = F.linear(emb, self.w[f"{prefix}.mlp.0.weight"], self.w[f"{prefix}.mlp.0.bias"])
@@ -89,7 +91,7 @@ class ReferenceDenoiser:
         v = qkv[:, :, 2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # b h s d
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d // h)
-        scores = 50.0 * torch.tanh(scores / 50.0)
+        scores = ATTN_SOFTCAP * torch.tanh(scores / ATTN_SOFTCAP)
         attn = torch.softmax(scores, dim=-1)
         o = torch.matmul(attn.to(v.dtype), v)
         o = o.transpose(1, 2).reshape(b, s, d)
@@ -123,7 +125,7 @@ class ReferenceDenoiser:
         inv_freq = self.w.get("rotary_emb.inv_freq")
         if inv_freq is None:
             dh = h.shape[-1] // self.n_heads
-            inv_freq = 1.0 / (10000 ** (torch.arange(0, dh, 2, device=h.device).float() / dh))
+            inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, dh, 2, device=h.device).float() / dh))
         freqs = torch.einsum("i,j->ij", torch.arange(seq, device=h.device).float(), inv_freq)
         cos, sin = freqs.cos(), freqs.sin()
         with torch.autocast(device_type=h.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -155,7 +157,7 @@ def draws_needed(two_time: bool, steps: int, stochasticity: float) -> int:
 
 
 def _process_logits(logits: torch.Tensor) -> torch.Tensor:
-    logits = 30.0 * torch.tanh(logits / 30.0)
+    logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
     log_probs = torch.log_softmax(logits, dim=-1)
     return log_probs.exp()
 
@@ -227,5 +229,5 @@ def reference_generate(model, noise: Union[torch.Tensor, torch.Generator], steps
                         return _process_logits(logits).argmax(dim=-1)
                 with nvtx.range("flow_map_step"):
                     probs = _process_logits(logits)
-                    z = z + (g_next - g_i) * (probs - z) / (1 - g_i + 1e-5)
+                    z = z + (g_next - g_i) * (probs - z) / (1 - g_i + FLM_EULER_EPS)
         raise AssertionError("unreachable: the last step returns")

@@ -447,7 +447,7 @@ class Suite:
         return out
 
     def collect_meta(self) -> dict:
-        from .. import __version__
+        from .._version import __version__
 
         try:
             from .._ext import build_info
