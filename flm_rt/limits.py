@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import CheckpointError, ConfigError, GenerationError
+from .spec import TIME_FREQ_DIM
 
 MODEL_BYTES_ENV = "FLM_RT_MAX_MODEL_BYTES"
 REQUEST_BYTES_ENV = "FLM_RT_MAX_REQUEST_BYTES"
@@ -125,9 +126,10 @@ def config_unit_float(value: Any, name: str, source: str) -> float:
 
 # ------------------------------------------------------------------------------------------ memory
 def denoiser_param_count(vocab_size: int, hidden_size: int, n_blocks: int, cond_dim: int, two_time: bool) -> int:
-    """Parameters of a denoiser (SPEC section 2), computed without building it."""
+    """Parameters of a denoiser (SPEC section 2), computed without building it (a hostile config may ask for
+    millions of blocks); tests/test_hostile_inputs.py checks it against ``loading.param_count``."""
     v, d, c = vocab_size, hidden_size, cond_dim
-    time_mlp = (256 * c + c) + (c * c + c)
+    time_mlp = (TIME_FREQ_DIM * c + c) + (c * c + c)
     block = 2 * d + 3 * d * d + d * d + (4 * d * d + 4 * d) + (4 * d * d + d) + (6 * d * c + 6 * d)
     out = d + (2 * d * c + 2 * d) + (v * d + v)
     return v * d + time_mlp * (2 if two_time else 1) + n_blocks * block + out
