@@ -112,24 +112,6 @@ class DenoiserGraph(nn.Module):
         return softcap_logits(self.denoiser(x, t, t_prime if self.two_time else None).float(), LOGIT_SOFTCAP)
 
 
-class _TorchScriptFacade(nn.Module):
-    """What gets traced: forward, plus the same graph under a meaningful name: generate(noise) for the sampler,
-    denoise(x, t[, t_prime]) for the denoiser."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args):
-        return self.inner(*args)
-
-    def generate(self, noise):
-        return self.inner(noise)
-
-    def denoise(self, *args):
-        return self.inner(*args)
-
-
 class TorchScriptFacade(nn.Module):
     """What gets traced: forward, plus the same graph under a meaningful name: generate(noise) for the sampler,
     denoise(x, t[, t_prime]) for the denoiser."""
