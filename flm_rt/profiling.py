@@ -41,12 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_model(spec: str, device, dtype):
     from .api import load, random_model
-    from .benchmarks.suite import OUTPUT_SCALE, SHAPES
-    from .model import ModelConfig
+    from .benchmarks.suite import OUTPUT_SCALE
+    from .model import PRESET_SHAPES, preset_config
 
-    if spec in SHAPES and not os.path.exists(spec):
-        return random_model(ModelConfig(two_time=True, **SHAPES[spec]), seed=0, device=device, dtype=dtype,
-                            output_scale=OUTPUT_SCALE)
+    if spec in PRESET_SHAPES and not os.path.exists(spec):
+        return random_model(preset_config(spec), seed=0, device=device, dtype=dtype, output_scale=OUTPUT_SCALE)
     return load(spec, device=device, dtype=dtype)
 
 

@@ -6,7 +6,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, MODEL_SHAPE, SHAPES
+from ..model import PRESET_SHAPES
+from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, MODEL_SHAPE
 
 QUICK_HELP = ("a subset that finishes in under 10 minutes on a 2-core CPU: lm1b batch 1 at steps 1,2,4,8 (reference, "
               "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], onnx when flm_rt.export "
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "write results.json, results.md and plots under bench/results/<device>/. "
                     "`flm-rt bench serve --help`: the HTTP server load test.")
     p.add_argument("--quick", action="store_true", help=QUICK_HELP)
-    p.add_argument("--shapes", type=_names(list(SHAPES)), default=None,
-                   help=f"comma-separated from {', '.join(SHAPES)} (default lm1b,owt)")
+    p.add_argument("--shapes", type=_names(list(PRESET_SHAPES)), default=None,
+                   help=f"comma-separated from {', '.join(PRESET_SHAPES)} (default lm1b,owt)")
     p.add_argument("--model", default=None, metavar="PATH_OR_NAME",
                    help="bench this checkpoint (a path in any format flm_rt.load reads, or a Hub name / alias) "
                         "instead of random models of --shapes; "
