@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo test bench bench-quick cpp clean gpu-check gpu-stage
+.PHONY: all venv build demo test bench bench-quick readme-perf cpp clean gpu-check gpu-stage
 
 all: build
 
@@ -37,6 +37,10 @@ bench: build
 
 bench-quick: build
 	$(VENV)/bin/flm-rt bench --quick
+
+# README.md's performance table (between its perf-table markers), from the newest bench/results/ run per machine.
+readme-perf: $(DEPS)
+	$(PY) -m flm_rt.benchmarks.readme
 
 # On a GPU machine, with that machine's own python3 and torch (not the .venv): build for sm_90, CUDA tests,
 # golden cases, compute-sanitizer, bandwidth and end-to-end figures, ncu, a profiler trace; under 9 minutes.

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flm_rt.benchmarks.pytest_plugin import is_smoke
+
 _EXP = importlib.import_module("flm_rt.exporting")
 time_exported = _EXP.time_exported
 load_exported = _EXP.load_exported
@@ -50,10 +52,6 @@ def export_all(model, outdir: Path, formats, *, steps: int = 1, stochasticity: f
     return out
 
 
-def _smoke(config) -> bool:
-    return bool(config.getoption("benchmark_disable", default=False))
-
-
 @pytest.fixture(scope="module")
 def export_model():
     return _model()
@@ -76,7 +74,7 @@ def exported(request, export_model, tmp_path_factory):
 def test_bench_exported_generate(benchmark, request, exported, export_model, runtime):
     import flm_rt
 
-    if runtime == "aoti" and _smoke(request.config) and os.environ.get("FLM_RT_BENCH_FULL") != "1":
+    if runtime == "aoti" and is_smoke(request.config) and os.environ.get("FLM_RT_BENCH_FULL") != "1":
         pytest.skip("smoke mode: the AOTInductor compile takes 20-60 s (set FLM_RT_BENCH_FULL=1 to include it)")
     if runtime == "onnxruntime":
         pytest.importorskip("onnxruntime")

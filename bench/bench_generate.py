@@ -15,9 +15,11 @@ import time
 
 import torch
 
+from flm_rt.model import PRESET_SHAPES, preset_config
+
 ROWS = ("reference", "flm_rt", "flm_rt[torch-kernels]")  # reference first: flm_rt rows are compared with it
 STOCHASTICITY = 0.0
-FULL_SHAPES = ("tiny", "lm1b", "owt")
+FULL_SHAPES = tuple(PRESET_SHAPES)
 
 
 def bench_full(config) -> bool:
@@ -55,10 +57,9 @@ def pytest_generate_tests(metafunc):
 @functools.lru_cache(maxsize=1)
 def _model(shape: str, device: str, dtype: str):
     import flm_rt
-    from flm_rt.benchmarks.suite import OUTPUT_SCALE, SHAPES
+    from flm_rt.benchmarks.suite import OUTPUT_SCALE
 
-    cfg = flm_rt.ModelConfig(two_time=True, **SHAPES[shape])
-    return flm_rt.random_model(cfg, seed=0, device=device, dtype=dtype, output_scale=OUTPUT_SCALE)
+    return flm_rt.random_model(preset_config(shape), seed=0, device=device, dtype=dtype, output_scale=OUTPUT_SCALE)
 
 
 _REF_IDS: dict = {}
@@ -67,7 +68,8 @@ _REF_IDS: dict = {}
 def test_generate(benchmark, gen_case, bench_device, bench_dtype, bench_peak):
     from flm_rt import generate
     from flm_rt.benchmarks.reference import draws_needed, reference_generate
-    from flm_rt.benchmarks.suite import device_name, flops_per_sample, synchronize, weight_bytes
+    from flm_rt.benchmarks.suite import device_name, flops_per_sample, weight_bytes
+    from flm_rt.benchmarks.timing import synchronize
 
     shape, row, steps, b = gen_case
     dtype_name = str(bench_dtype).replace("torch.", "")

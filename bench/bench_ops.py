@@ -25,20 +25,19 @@ from datetime import datetime, timezone
 import pytest
 import torch
 
+from flm_rt import _ext, ops
+from flm_rt.benchmarks import kernels
+from flm_rt.benchmarks.suite import device_slug
+from flm_rt.benchmarks.timing import synchronize, time_calls
+from flm_rt.spec import LOGIT_SOFTCAP
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
 
-import conftest_ops as co  # noqa: E402
-from conftest_ops import ops_device, ops_smoke  # noqa: E402,F401  (fixtures)
-
-from flm_rt import _ext, ops  # noqa: E402
-
-SIZES = [co.TINY] + [(r, v) for r in co.FULL_ROWS for v in co.FULL_VOCABS]
+SIZES = [kernels.TINY] + [(r, v) for r in kernels.FULL_ROWS for v in kernels.FULL_VOCABS]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _step_fns(inputs, cap=30.0):
+def _step_fns(inputs, cap=LOGIT_SOFTCAP):
     z, logits, a, b, c, eps = inputs
     ext = lambda: torch.ops.flm_rt.flow_map_step(z, logits, a, b, c, eps, cap)  # noqa: E731
     eager = lambda: ops.flow_map_step_reference(z, logits, a, b, c, eps, cap)  # noqa: E731
@@ -56,81 +55,81 @@ def _argmax_fns(x):
 @pytest.mark.parametrize("rows,V", SIZES, ids=[f"{r}x{v}" for r, v in SIZES])
 @pytest.mark.parametrize("impl", ["ext", "eager"])
 @pytest.mark.parametrize("op", ["flow_map_step", "vocab_argmax"])
-def test_bench_op(benchmark, ops_device, ops_smoke, op, impl, rows, V, dtype):
+def test_bench_op(benchmark, bench_device, bench_smoke, op, impl, rows, V, dtype):
     dt = DTYPES[dtype]
-    if impl == "ext" and not _ext.has_kernel(op, ops_device.type):
-        pytest.skip(f"no compiled {op} kernel for {ops_device.type}: {_ext.EXT_ERROR or 'not built for it'}")
-    if ops_smoke and dtype != "float32":
+    if impl == "ext" and not _ext.has_kernel(op, bench_device.type):
+        pytest.skip(f"no compiled {op} kernel for {bench_device.type}: {_ext.EXT_ERROR or 'not built for it'}")
+    if bench_smoke and dtype != "float32":
         pytest.skip("smoke mode (--benchmark-disable): float32 only")
-    reason = co.size_skip_reason(rows, V, dt, ops_device, ops_smoke, impl)
+    reason = kernels.size_skip_reason(rows, V, dt, bench_device, bench_smoke, impl)
     if reason:
         pytest.skip(reason)
     if op == "flow_map_step":
-        inputs = co.make_step_inputs(rows, V, dt, ops_device)
+        inputs = kernels.make_step_inputs(rows, V, dt, bench_device)
         ext, eager = _step_fns(inputs)
-        nbytes = co.step_bytes(rows, V, dt)
+        nbytes = kernels.step_bytes(rows, V, dt)
     else:
-        inputs = (co.make_step_inputs(rows, V, dt, ops_device)[1],)
+        inputs = (kernels.make_step_inputs(rows, V, dt, bench_device)[1],)
         ext, eager = _argmax_fns(inputs[0])
-        nbytes = co.argmax_bytes(rows, V, dt)
+        nbytes = kernels.argmax_bytes(rows, V, dt)
     fn = ext if impl == "ext" else eager
 
     def run():
         out = fn()
-        co.sync(ops_device)
+        synchronize(bench_device)
         return out
 
-    if ops_smoke:  # one call, but check the result so the smoke run means something
+    if bench_smoke:  # one call, but check the result so the smoke run means something
         out = benchmark(run)
         if op == "flow_map_step":
-            ref = ops.flow_map_step_reference(*inputs, cap=30.0)
+            ref = ops.flow_map_step_reference(*inputs, cap=LOGIT_SOFTCAP)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         return
     # enough rounds for small cases to average out scheduling noise, few for the multi-second CPU ones
-    rounds = max(3, min(50, int(5e8 // max(nbytes, 1)))) if ops_device.type == "cpu" else 20
+    rounds = max(3, min(50, int(5e8 // max(nbytes, 1)))) if bench_device.type == "cpu" else 20
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update({
         "op": op, "impl": impl, "rows": rows, "V": V, "logits_dtype": dtype,
         "seconds": median, "GB/s": nbytes / median / 1e9, "bytes": nbytes,
-        "device": co.device_name(ops_device),
+        "device": kernels.device_name(bench_device),
     })
 
 
 # ----------------------------------------------------------------------------------------------------------
 # script mode
 # ----------------------------------------------------------------------------------------------------------
-def run_table(device: torch.device, sizes, dtypes, repeats: int, cap: float = 30.0) -> dict:
-    copy_bw = co.copy_bandwidth(device, nbytes=(1 << 28) if device.type == "cpu" else (1 << 31))
+def run_table(device: torch.device, sizes, dtypes, repeats: int, cap: float = LOGIT_SOFTCAP) -> dict:
+    copy_bw = kernels.copy_bandwidth(device, nbytes=(1 << 28) if device.type == "cpu" else (1 << 31))["gbps"] * 1e9
     rows_out = []
     for (rows, V) in sizes:
         for dname in dtypes:
             dt = DTYPES[dname]
             for op in ("flow_map_step", "vocab_argmax"):
-                if co.size_skip_reason(rows, V, dt, device, False, "ext"):
+                if kernels.size_skip_reason(rows, V, dt, device, False, "ext"):
                     continue
-                inputs = co.make_step_inputs(rows, V, dt, device)
+                inputs = kernels.make_step_inputs(rows, V, dt, device)
                 rec = {"op": op, "rows": rows, "V": V, "logits_dtype": dname}
                 if op == "flow_map_step":
                     ext, eager = _step_fns(inputs, cap)
-                    nbytes = co.step_bytes(rows, V, dt)
+                    nbytes = kernels.step_bytes(rows, V, dt)
                     z = inputs[0]
                     zin = z.clone()
                     inplace = lambda: torch.ops.flm_rt.flow_map_step_(zin, *inputs[1:], cap)  # noqa: E731
                 else:
                     ext, eager = _argmax_fns(inputs[1])
-                    nbytes = co.argmax_bytes(rows, V, dt)
+                    nbytes = kernels.argmax_bytes(rows, V, dt)
                     inplace = None
                 rec["bytes"] = nbytes
                 if _ext.has_kernel(op, device.type):
-                    rec["ext_s"] = co.time_fn(ext, device, repeats)
+                    rec["ext_s"] = _median_s(ext, device, repeats)
                     rec["ext_GBps"] = nbytes / rec["ext_s"] / 1e9
                     rec["ext_frac_copy_bw"] = rec["ext_GBps"] * 1e9 / copy_bw
                     if inplace is not None:
-                        rec["ext_inplace_s"] = co.time_fn(inplace, device, repeats)
+                        rec["ext_inplace_s"] = _median_s(inplace, device, repeats)
                         rec["ext_inplace_GBps"] = nbytes / rec["ext_inplace_s"] / 1e9
-                if co.size_skip_reason(rows, V, dt, device, False, "eager") is None:
-                    rec["eager_s"] = co.time_fn(eager, device, repeats)
+                if kernels.size_skip_reason(rows, V, dt, device, False, "eager") is None:
+                    rec["eager_s"] = _median_s(eager, device, repeats)
                     rec["eager_GBps"] = nbytes / rec["eager_s"] / 1e9
                     if "ext_s" in rec:
                         rec["speedup"] = rec["eager_s"] / rec["ext_s"]
@@ -138,8 +137,8 @@ def run_table(device: torch.device, sizes, dtypes, repeats: int, cap: float = 30
                 print(_fmt_row(rec), flush=True)
                 del inputs
     return {
-        "device": co.device_name(device),
-        "device_tag": co.device_tag(device),
+        "device": kernels.device_name(device),
+        "device_tag": device_slug(device),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "flm_rt_build": _ext.build_info(short=True),
@@ -151,6 +150,10 @@ def run_table(device: torch.device, sizes, dtypes, repeats: int, cap: float = 30
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "results": rows_out,
     }
+
+
+def _median_s(fn, device: torch.device, repeats: int) -> float:
+    return time_calls(fn, device, repeats=repeats, warmup=1).median_s
 
 
 def _fmt_row(r: dict) -> str:
@@ -198,10 +201,10 @@ def main(argv=None) -> int:
     elif device.type == "cpu":
         sizes = [(1024, 50258), (1024, 30522)]
     else:
-        sizes = [(r, v) for r in co.FULL_ROWS for v in co.FULL_VOCABS]
+        sizes = [(r, v) for r in kernels.FULL_ROWS for v in kernels.FULL_VOCABS]
     dtypes = args.dtypes.split(",") if args.dtypes else (["float32"] if device.type == "cpu" else ["float32", "bfloat16"])
     repeats = args.repeats or (5 if device.type == "cpu" else 20)
-    print(f"device: {co.device_name(device)}\n{_ext.build_info(short=True)}\n{HEADER}", flush=True)
+    print(f"device: {kernels.device_name(device)}\n{_ext.build_info(short=True)}\n{HEADER}", flush=True)
     res = run_table(device, sizes, dtypes, repeats)
     print(f"copy bandwidth: {res['copy_bandwidth_GBps']:.1f} GB/s")
     out_dir = args.out or os.path.join(_HERE, "results", res["device_tag"])

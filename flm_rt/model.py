@@ -69,6 +69,22 @@ class ModelConfig:
         return cls(**known)
 
 
+# Named architectures for random-weight models (benchmarks, profiling): the published LM1B and OWT networks, and a
+# tiny one for smoke runs.
+PRESET_SHAPES = {
+    "tiny": dict(vocab_size=1000, length=32, hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32),
+    "lm1b": dict(vocab_size=30522, length=128, hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128),
+    "owt": dict(vocab_size=50258, length=1024, hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128),
+}
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """The two-time ModelConfig of a named shape in PRESET_SHAPES."""
+    if name not in PRESET_SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(PRESET_SHAPES)}")
+    return ModelConfig(**{"two_time": True, **PRESET_SHAPES[name], **overrides})
+
+
 def timestep_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM) -> torch.Tensor:
     """[B] -> [B, dim] sinusoidal features, cos first, w_i = exp(-ln(10000) i / (dim/2))."""
     half = dim // 2

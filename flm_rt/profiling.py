@@ -15,6 +15,7 @@ import time
 from typing import Optional, Sequence
 
 from . import cli_args
+from .devices import dtype_name
 
 RANGE_RE = re.compile(r"^(embedding|conditioning|block\d+|output_layer|flow_map_step|argmax)$")
 
@@ -42,12 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_model(spec: str, device, dtype):
     from .api import load, random_model
-    from .benchmarks.suite import OUTPUT_SCALE, SHAPES
-    from .model import ModelConfig
+    from .benchmarks.suite import OUTPUT_SCALE
+    from .model import PRESET_SHAPES, preset_config
 
-    if spec in SHAPES and not os.path.exists(spec):
-        return random_model(ModelConfig(two_time=True, **SHAPES[spec]), seed=0, device=device, dtype=dtype,
-                            output_scale=OUTPUT_SCALE)
+    if spec in PRESET_SHAPES and not os.path.exists(spec):
+        return random_model(preset_config(spec), seed=0, device=device, dtype=dtype, output_scale=OUTPUT_SCALE)
     return load(spec, device=device, dtype=dtype)
 
 
@@ -139,7 +139,7 @@ def profile_generation(model, *, steps=1, num_samples=1, stochasticity=None, seq
     ranges = range_times(events)
     b, length = ids.shape
     print(f"flm-rt profile: {'reference sampler' if reference else 'flm_rt'} on {model.device} "
-          f"({str(model.dtype).replace('torch.', '')}), {b} x {length} tokens, {steps} step(s); "
+          f"({dtype_name(model.dtype)}), {b} x {length} tokens, {steps} step(s); "
           f"profiled run {wall_ms:.1f} ms wall ({wall_ms / (b * length):.4f} ms/token, profiler overhead included)",
           file=stream)
     print(f"\nTop {top} operators{'/kernels' if cuda else ''} by self {'CUDA' if cuda else 'CPU'} time:", file=stream)

@@ -87,17 +87,17 @@ def test_reference_generator_mode_matches_explicit_noise(fmlm):
 
 
 def test_flop_count_formula():
-    from flm_rt.benchmarks.suite import SHAPES, flops_per_call, flops_per_sample
-    from flm_rt.model import ModelConfig
+    from flm_rt.benchmarks.suite import flops_per_call, flops_per_sample
+    from flm_rt.model import preset_config
 
-    cfg = ModelConfig(two_time=True, **SHAPES["lm1b"])
+    cfg = preset_config("lm1b")
     L, V, D = 128, 30522, 768
     matmuls = 2 * L * V * D * 2 + 12 * (24 * L * D * D + 4 * L * L * D)
     f = flops_per_call(cfg)
     assert matmuls < f < matmuls * 1.01  # adaLN and time MLPs are tiny
     assert flops_per_sample(cfg, 4) == 4 * f
     # owt is ~0.37 TFLOP per one-step sample
-    owt = ModelConfig(two_time=True, **SHAPES["owt"])
+    owt = preset_config("owt")
     assert 3.5e11 < flops_per_call(owt) < 3.9e11
 
 

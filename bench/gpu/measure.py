@@ -21,48 +21,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # run from a checkout: its flm_rt, built in place
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 import flm_rt  # noqa: E402
 from flm_rt import ops  # noqa: E402
-from flm_rt.benchmarks.suite import OUTPUT_SCALE, SHAPES  # noqa: E402
-
-
-# ------------------------------------------------------------------------------------------------ timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from flm_rt.benchmarks import kernels as kernel_bench  # noqa: E402
+from flm_rt.benchmarks.suite import OUTPUT_SCALE  # noqa: E402
+from flm_rt.benchmarks.timing import synchronize, time_calls  # noqa: E402
+from flm_rt.model import preset_config  # noqa: E402
+from flm_rt.spec import LOGIT_SOFTCAP  # noqa: E402
 
 
 def time_ms(fn, device: torch.device, *, warmup: int = 3, repeats: int = 10) -> dict:
-    """Median / min / max milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
+    """Median / min / max milliseconds of ``fn()`` and the number of timed calls."""
+    return time_calls(fn, device, repeats=repeats, warmup=warmup).ms()
 
 
 def _failure(e: BaseException) -> dict:
@@ -84,30 +65,18 @@ def _fits(device: torch.device, nbytes: float, share: float = 0.8) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ ops
-def copy_bandwidth(device: torch.device, nbytes: int) -> dict:
-    """Device-to-device copy: bytes read + bytes written per second (GB/s)."""
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    t = time_ms(lambda: dst.copy_(src), device, warmup=3, repeats=10)
-    return {"bytes": 2 * src.numel() * 4, **t, "gbps": 2 * src.numel() * 4 / (t["median_ms"] * 1e6)}
-
-
-def _step_bytes(rows: int, V: int, logit_size: int, with_eps: bool) -> int:
-    return rows * V * (logit_size + 4 + 4 + (4 if with_eps else 0))  # logits, z, out (+ eps)
-
-
 def run_ops(device: torch.device, tiny: bool) -> dict:
-    rows_list = [64, 256] if tiny else [1024, 8192, 65536]
-    vocab_list = [1000, 2049] if tiny else [30522, 50258]
+    rows_list = [64, 256] if tiny else list(kernel_bench.FULL_ROWS)
+    vocab_list = [1000, 2049] if tiny else list(kernel_bench.FULL_VOCABS)
     dtypes = [torch.float32, torch.bfloat16]
-    copy = copy_bandwidth(device, 32 * 2**20 if tiny else 2 * 2**30)
+    copy = kernel_bench.copy_bandwidth(device, 32 * 2**20 if tiny else 2 * 2**30)
     out = {"copy": copy, "cases": []}
     ext = ops.kernels_backend(device, torch.float32, "flow_map_step") == "ext"
     for V in vocab_list:
         for rows in rows_list:
             for dt in dtypes:
-                es = torch.tensor([], dtype=dt).element_size()
-                need = _step_bytes(rows, V, es, True) * 1.3
+                step_bytes = kernel_bench.step_bytes(rows, V, dt)
+                need = step_bytes * 1.3
                 case = {"rows": rows, "V": V, "logits_dtype": str(dt).replace("torch.", "")}
                 if not _fits(device, need):
                     case.update(status="skipped", reason=f"needs about {need / 1e9:.1f} GB, more than 80% of the "
@@ -120,17 +89,16 @@ def run_ops(device: torch.device, tiny: bool) -> dict:
                     z = torch.randn(rows, V, device=device, generator=g)
                     eps = torch.randn(rows, V, device=device, generator=g)
                     a, b, c = (torch.rand(rows, device=device, generator=g) for _ in range(3))
-                    step_bytes = _step_bytes(rows, V, es, True)
-                    am_bytes = rows * V * es + rows * (8 + es)
+                    am_bytes = kernel_bench.argmax_bytes(rows, V, dt)
                     res = {}
                     if ext:
-                        t = time_ms(lambda: ops.flow_map_step(z, logits, a, b, c, eps, 30.0, backend="ext"), device)
+                        t = time_ms(lambda: ops.flow_map_step(z, logits, a, b, c, eps, LOGIT_SOFTCAP, backend="ext"), device)
                         res["flow_map_step"] = {**t, "gbps": step_bytes / (t["median_ms"] * 1e6)}
                         t = time_ms(lambda: ops.vocab_argmax(logits, backend="ext"), device)
                         res["vocab_argmax"] = {**t, "gbps": am_bytes / (t["median_ms"] * 1e6)}
                         # correctness spot check in the same run, on at most 1024 rows (the tests go deeper)
                         n = min(rows, 1024)
-                        sl = (z[:n], logits[:n], a[:n], b[:n], c[:n], eps[:n], 30.0)
+                        sl = (z[:n], logits[:n], a[:n], b[:n], c[:n], eps[:n], LOGIT_SOFTCAP)
                         ref = ops.flow_map_step_reference(*sl)
                         got = ops.flow_map_step(*sl, backend="ext")
                         res["flow_map_step"]["rel_err"] = float((got - ref).norm() / ref.norm())  # ||.||_2 relative
@@ -140,7 +108,7 @@ def run_ops(device: torch.device, tiny: bool) -> dict:
                         del ref, got, ids
                     _free_cache(device)
                     if _fits(device, step_bytes * 3):
-                        t = time_ms(lambda: ops.flow_map_step_reference(z, logits, a, b, c, eps, 30.0), device,
+                        t = time_ms(lambda: ops.flow_map_step_reference(z, logits, a, b, c, eps, LOGIT_SOFTCAP), device,
                                     warmup=2, repeats=5)
                         res["flow_map_step[eager]"] = {**t, "gbps": step_bytes / (t["median_ms"] * 1e6)}
                         t = time_ms(lambda: torch.max(logits, dim=-1), device, warmup=2, repeats=5)
@@ -161,8 +129,7 @@ def run_ops(device: torch.device, tiny: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ end to end
 def _model(shape: str, device, dtype):
-    return flm_rt.random_model(flm_rt.ModelConfig(two_time=True, **SHAPES[shape]), seed=0, device=device,
-                               dtype=dtype, output_scale=OUTPUT_SCALE)
+    return flm_rt.random_model(preset_config(shape), seed=0, device=device, dtype=dtype, output_scale=OUTPUT_SCALE)
 
 
 def run_e2e(device: torch.device, tiny: bool) -> dict:
@@ -228,12 +195,20 @@ def run_e2e(device: torch.device, tiny: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ golden
+def golden_dir() -> Path:
+    """The golden folder under $FLM_RT_SHARED (check.py sets it after finding ../shared or the staged copy)."""
+    shared = os.environ.get("FLM_RT_SHARED")
+    gdir = Path(shared) / "golden" / "tiny" if shared else None
+    if gdir is None or not (gdir / "vectors.safetensors").is_file():
+        raise FileNotFoundError(f"golden vectors not found (FLM_RT_SHARED={shared!r}): set FLM_RT_SHARED to a "
+                                "folder holding golden/tiny/vectors.safetensors")
+    return gdir
+
+
 def run_golden(device: torch.device, tiny: bool = False) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import require_golden_dir  # noqa: E402  (the tests' own lookup of ../shared/golden)
     from safetensors.torch import load_file
 
-    gdir = require_golden_dir()
+    gdir = golden_dir()
     vec = load_file(str(gdir / "vectors.safetensors"))
     out = {"golden_dir": str(gdir), "fp32": [], "bf16": []}
     for kind in ("fmlm", "flm"):
@@ -269,7 +244,7 @@ def run_profile(device: torch.device, tiny: bool, trace: str) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         run()
-        _sync(device)
+        synchronize(device)
     prof.export_chrome_trace(trace)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=15)

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from flm_rt import ops  # noqa: E402
+from flm_rt.spec import LOGIT_SOFTCAP  # noqa: E402
 
 
 def check_all(device: torch.device) -> int:
@@ -35,7 +36,7 @@ def check_all(device: torch.device) -> int:
                 z = zb[off:].view(rows, V)
                 eps = torch.randn(rows, V, device=device, generator=g)
                 a, b, c = (torch.rand(rows, device=device, generator=g) for _ in range(3))
-                for cap in (30.0, 61.0, 0.0):
+                for cap in (LOGIT_SOFTCAP, 61.0, 0.0):  # the model's cap, above kFixedShiftMaxCap, none
                     for e in (eps, None):
                         out = ops.flow_map_step(z, logits, a, b, c, e, cap, backend="ext")
                         ref = ops.flow_map_step_reference(z, logits, a, b, c, e, cap)
@@ -43,8 +44,8 @@ def check_all(device: torch.device) -> int:
                             print(f"MISMATCH flow_map_step V={V} {dt} misaligned={misaligned} cap={cap} eps={e is not None}")
                             bad += 1
                 zz = z.clone()
-                ops.flow_map_step_(zz, logits, a, b, c, eps, 30.0, backend="ext")
-                if not torch.allclose(zz, ops.flow_map_step_reference(z, logits, a, b, c, eps, 30.0), rtol=3e-5, atol=1e-6):
+                ops.flow_map_step_(zz, logits, a, b, c, eps, LOGIT_SOFTCAP, backend="ext")
+                if not torch.allclose(zz, ops.flow_map_step_reference(z, logits, a, b, c, eps, LOGIT_SOFTCAP), rtol=3e-5, atol=1e-6):
                     print(f"MISMATCH flow_map_step_ V={V} {dt} misaligned={misaligned}")
                     bad += 1
                 idx, val = ops.vocab_argmax(logits, backend="ext")
@@ -61,7 +62,7 @@ def ncu_workload(device: torch.device) -> None:
         logits = (4 * torch.randn(rows, V, device=device)).to(dt)
         z, eps = torch.randn(rows, V, device=device), torch.randn(rows, V, device=device)
         a, b, c = (torch.rand(rows, device=device) for _ in range(3))
-        ops.flow_map_step(z, logits, a, b, c, eps, 30.0, backend="ext")
+        ops.flow_map_step(z, logits, a, b, c, eps, LOGIT_SOFTCAP, backend="ext")
         ops.vocab_argmax(logits, backend="ext")
         del logits, z, eps
     torch.cuda.synchronize(device)

@@ -6,7 +6,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, MODEL_SHAPE, SHAPES
+from .. import cli_args
+from ..model import PRESET_SHAPES
+from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, MODEL_SHAPE
 
 QUICK_HELP = ("a subset that finishes in under 10 minutes on a 2-core CPU: lm1b batch 1 at steps 1,2,4,8 (reference, "
               "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], onnx when flm_rt.export "
@@ -41,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "write results.json, results.md and plots under bench/results/<device>/. "
                     "`flm-rt bench serve --help`: the HTTP server load test.")
     p.add_argument("--quick", action="store_true", help=QUICK_HELP)
-    p.add_argument("--shapes", type=_names(list(SHAPES)), default=None,
-                   help=f"comma-separated from {', '.join(SHAPES)} (default lm1b,owt)")
+    p.add_argument("--shapes", type=_names(list(PRESET_SHAPES)), default=None,
+                   help=f"comma-separated from {', '.join(PRESET_SHAPES)} (default lm1b,owt)")
     p.add_argument("--model", default=None, metavar="PATH_OR_NAME",
                    help="bench this checkpoint (a path in any format flm_rt.load reads, or a Hub name / alias) "
                         "instead of random models of --shapes; "
@@ -52,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "1,8,64 on GPU)")
     p.add_argument("--rows", type=_names(ALL_ROWS), default=None,
                    help=f"comma-separated from {', '.join(ALL_ROWS)} (default all)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32 on CPU, "
-                                                 "bfloat16 on GPU)")
+    cli_args.add_device(p, dtype_help="float32 | bfloat16 | float16 (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--stochasticity", type=float, default=0.0, help="FMLM stochasticity s (default 0.0)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case, median and spread reported (default 5; "
                                                              "never fewer than 5 unless asked)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-size", type=int, default=None, metavar="N",
                    help="size of the square products that measure the machine's matmul rates (default 2048 on "
                         "CPU, 8192 on GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    cli_args.add_seed(p)
     p.add_argument("--out", default=None, help="output directory (default bench/results/<device-name>)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args):
     import torch
 
-    from ..api import resolve_device
+    from ..devices import resolve_device
     from .suite import BenchSettings
 
     dev = resolve_device(args.device)

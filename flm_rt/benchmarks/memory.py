@@ -81,17 +81,17 @@ def measure(shape: dict, *, steps: int, space: str, fused: bool, batch: int = 1,
 
 
 def main(argv=None) -> int:
-    from .suite import SHAPES
+    from ..model import PRESET_SHAPES
 
     p = argparse.ArgumentParser(prog="python -m flm_rt.benchmarks.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="owt", choices=list(SHAPES))
+    p.add_argument("--shape", default="owt", choices=list(PRESET_SHAPES))
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     for space in ("vocab", "embedding"):
         for fused in (False, True):
-            print(json.dumps(measure(SHAPES[args.shape], steps=args.steps, space=space, fused=fused,
+            print(json.dumps(measure(PRESET_SHAPES[args.shape], steps=args.steps, space=space, fused=fused,
                                      batch=args.batch, threads=args.threads)), flush=True)
     return 0
 

@@ -176,25 +176,14 @@ def _plots(rows: list, out_dir: str, meta: dict) -> list:
                                    label=f"{label} ({ar[0]['seq_len']} tokens, KV cache; any steps)")
                 elif pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _log_log_panel(ax, shape, "sampling steps (network calls)", "ms per generated token (median / (B L))")
         ax.set_xticks(all_steps)
         ax.set_xticklabels([str(s) for s in all_steps])
         if len(all_steps) == 1:
             ax.set_xlim(all_steps[0] / 1.5, all_steps[0] * 1.5)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("sampling steps (network calls)")
-        ax.set_ylabel("ms per generated token (median / (B L))")
-        ax.set_title(f"{shape}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Per-token latency vs steps - {title}", fontsize=10)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "latency_vs_steps.png")
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    written.append(p)
+    written.append(_save(fig, f"Per-token latency vs steps - {title}", os.path.join(out_dir, "latency_vs_steps.png")))
 
     # Throughput vs batch (when several batch sizes were run), at the smallest step count.
     if len({r["batch"] for r in ok}) > 1:
@@ -208,20 +197,30 @@ def _plots(rows: list, out_dir: str, meta: dict) -> list:
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if row != "autoregressive" else "s--",
                             label=row if row == "autoregressive" else f"{row}, {steps_min} step(s)")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch size B")
-            ax.set_ylabel("generated tokens / s")
-            ax.set_title(shape)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"Throughput vs batch - {title}", fontsize=10)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "throughput_vs_batch.png")
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        written.append(p)
+            _log_log_panel(ax, shape, "batch size B", "generated tokens / s")
+        written.append(_save(fig, f"Throughput vs batch - {title}", os.path.join(out_dir, "throughput_vs_batch.png")))
     return written
+
+
+def _log_log_panel(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Log-2 x axis, log y axis, labels, grid and legend of one plot panel (after its lines are drawn)."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, suptitle: str, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 HISTORY = "history.jsonl"

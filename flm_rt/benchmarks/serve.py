@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-level-s", type=float, default=20.0, help="stop sending after this long per level")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default: the model's length)")
     p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<device>/serve)")
     return p
 
@@ -229,7 +229,7 @@ def cli_bench_serve(argv: Optional[Sequence[str]] = None) -> int:
         build_parser().error(f"--concurrency takes positive integers, got {args.concurrency!r}")
     import torch
 
-    from ..api import resolve_device
+    from ..devices import resolve_device
     from ..cli import demo_model_path
     from .cli import default_out_dir
     from .suite import device_name

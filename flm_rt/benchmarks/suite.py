@@ -23,11 +23,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-SHAPES = {
-    "tiny": dict(vocab_size=1000, length=32, hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32),
-    "lm1b": dict(vocab_size=30522, length=128, hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128),
-    "owt": dict(vocab_size=50258, length=1024, hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128),
-}
+from ..devices import dtype_name
+from ..model import PRESET_SHAPES, preset_config
+from .timing import synchronize, time_calls
+
 FLM_ROWS = ("flm_rt", "flm_rt[torch-kernels]", "reference")
 EMB_ROW = "flm_rt[embedding-noise]"  # noise_space="embedding": draws in R^D, no [B, L, V] noise (other draws)
 BF16_ROW = "flm_rt[bfloat16]"  # the same weights rounded to bf16 (blocks and output layer), the fp32 row's draws
@@ -123,11 +122,6 @@ def device_slug(device: torch.device) -> str:
     return f"{device.type}-{short or 'unknown'}"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
                           repeats: int = 5) -> float:
     """Best-of-``repeats`` throughput of one large square GEMM in ``dtype`` (TFLOP/s): ``torch.mm``, and on CPU
@@ -141,31 +135,15 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[
     gemms = [lambda: torch.mm(a, b)]
     if device.type == "cpu":
         gemms.append(lambda: prepack.linear(a, b))  # F.linear where the prepacked path does not apply
-    best = float("inf")
     with torch.no_grad():
-        for gemm in gemms:
-            gemm()
-            synchronize(device)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                gemm()
-                synchronize(device)
-                best = min(best, time.perf_counter() - t0)
+        best = min(time_calls(gemm, device, repeats=repeats, warmup=1).min_s for gemm in gemms)
     return 2 * n**3 / best / 1e12
 
 
 def _time_best(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, list]:
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return min(times), times
+        t = time_calls(fn, device, repeats=repeats, warmup=warmup)
+    return t.min_s, t.times_s
 
 
 def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, repeats: int = 5) -> dict:
@@ -196,7 +174,7 @@ def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = No
 
 def device_peak(device: torch.device, dtype: torch.dtype, measured: Optional[float] = None) -> dict:
     """The peak used for "fraction of peak": the datasheet figure on known GPUs, else the measured matmul rate."""
-    dt = str(dtype).replace("torch.", "")
+    dt = dtype_name(dtype)
     if measured is None:
         measured = measure_matmul_tflops(device, dtype)
     if device.type == "cuda":
@@ -291,37 +269,6 @@ class CaseResult:
         return dataclasses.asdict(self)
 
 
-# ------------------------------------------------------------------------------------------------ timing
-def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int,
-            max_case_s: float) -> tuple[list, object]:
-    """Run ``fn`` warm-up times (untimed), then up to ``repeats`` timed runs (CUDA events on GPU)."""
-    out = None
-    t_warm = 0.0
-    for _ in range(max(warmup, 0)):
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        t_warm = time.perf_counter() - t0
-    n = repeats
-    if t_warm > 0 and t_warm * repeats > max_case_s:
-        n = max(min(5, repeats), int(max_case_s // t_warm))
-    times = []
-    for _ in range(n):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            synchronize(device)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-    return times, out
-
-
 def _free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -341,12 +288,12 @@ class Suite:
     """Runs cases, caching models per shape. Use :meth:`run` (with an optional progress callback)."""
 
     def __init__(self, settings: BenchSettings):
-        from ..api import resolve_device, resolve_dtype
+        from ..devices import resolve_device, resolve_dtype
 
         self.s = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype)
-        self.dtype_name = str(self.dtype).replace("torch.", "")
+        self.dtype_name = dtype_name(self.dtype)
         self._models: dict = {}
         self._exported: dict = {}
         self._ref_ids: dict = {}
@@ -365,16 +312,15 @@ class Suite:
                 self._user_cfg = dict(vocab_size=c.vocab_size, length=c.length, hidden_size=c.hidden_size,
                                       n_blocks=c.n_blocks, n_heads=c.n_heads, cond_dim=c.cond_dim)
             return self._user_cfg
-        if shape not in SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-        return SHAPES[shape]
+        if shape not in PRESET_SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {', '.join(PRESET_SHAPES)}")
+        return PRESET_SHAPES[shape]
 
     def model(self, shape: str, dtype: Optional[torch.dtype] = None):
         dtype = dtype or self.dtype
         key = (shape, dtype)
         if key not in self._models:
             from ..api import load, random_model
-            from ..model import ModelConfig
 
             keep = {k: m for k, m in self._models.items() if k[0] == shape}  # one shape at a time
             self._models.clear()
@@ -385,8 +331,7 @@ class Suite:
                     raise ValueError("shape 'model' needs BenchSettings.model_path (flm-rt bench --model PATH)")
                 self._models[key] = load(self.s.model_path, device=self.device, dtype=dtype)
             else:
-                cfg = ModelConfig(two_time=True, **SHAPES[shape])
-                self._models[key] = random_model(cfg, seed=0, device=self.device, dtype=dtype,
+                self._models[key] = random_model(preset_config(shape), seed=0, device=self.device, dtype=dtype,
                                                  output_scale=OUTPUT_SCALE)
         return self._models[key]
 
@@ -475,7 +420,8 @@ class Suite:
         results = []
         # Reference rows first within a (shape, steps, batch) group, so flm_rt rows can be compared with them.
         order = {"reference": 0}
-        cases = sorted(self.case_list(), key=lambda c: (list(SHAPES).index(c[0]) if c[0] in SHAPES else 99,
+        shapes = list(PRESET_SHAPES)
+        cases = sorted(self.case_list(), key=lambda c: (shapes.index(c[0]) if c[0] in shapes else 99,
                                                        c[3], c[2] or 0, order.get(c[1], 1)))
         for case in cases:
             res = self.run_case(*case)
@@ -618,8 +564,8 @@ class Suite:
                 raise _Skip("exported graphs take explicit noise, which does not fit in memory here")
             fn = self._export_runner(res, model, noise, steps, s)
 
-        times, ids = time_fn(fn, self.device, repeats=self.s.repeats, warmup=self.s.warmup,
-                             max_case_s=self.s.max_case_s)
+        t = time_calls(fn, self.device, repeats=self.s.repeats, warmup=self.s.warmup, max_total_s=self.s.max_case_s)
+        times, ids = t.times_s, t.out
         space = "embedding" if res.row == EMB_ROW else "vocab"
         res.extra["flops_counted"] = f"{space}-space process"
         self._finish(res, times, flops_per_sample(cfg, steps, L, space), weight_bytes(model))
@@ -688,14 +634,13 @@ class Suite:
         target = res.seq_len
         n = min(self.s.ar_tokens or target, target)
         # Warm-up: a short decode (lazy initialisation, caches); it also estimates one full run's time, which
-        # caps the number of repeats like time_fn does.
+        # caps the number of repeats like time_calls does.
         t0 = time.perf_counter()
         ar_generate(ar, res.batch, min(8, n))
         synchronize(self.device)
         est = (time.perf_counter() - t0) / min(8, n) * n
         repeats = max(1, min(self.s.repeats, int(self.s.max_case_s // max(est, 1e-9))))
-        times, _ = time_fn(lambda: ar_generate(ar, res.batch, n), self.device, repeats=repeats,
-                           warmup=0, max_case_s=self.s.max_case_s)
+        times = time_calls(lambda: ar_generate(ar, res.batch, n), self.device, repeats=repeats, warmup=0).times_s
         # Times are scaled to `target` tokens per sample when fewer were generated (flagged; this favours the
         # AR baseline, whose per-token cost grows with the context).
         scale = target / n

@@ -1,49 +1,31 @@
-"""Fixtures and helpers of the kernel benchmarks (bench/bench_ops.py).
-
-Loaded by bench/conftest.py (fixtures re-exported) and imported directly by bench_ops.py (script mode).
-Fixture names start with ``ops_`` to stay clear of the other benchmark fixtures.
+"""The kernel benchmarks' workloads (flm_rt::flow_map_step and flm_rt::vocab_argmax against the eager sequence
+that defines them): sizes, the fewest bytes each op must move, inputs, which sizes fit a device, and the
+device-to-device copy bandwidth they are compared with. Used by bench/bench_ops.py and bench/gpu/measure.py.
 """
-
 from __future__ import annotations
 
 import os
-import time
-from typing import Callable
+from typing import Optional
 
-import pytest
 import torch
 
-from flm_rt.benchmarks.suite import cpu_name, device_slug
+from ..model import PRESET_SHAPES
+from .suite import cpu_name
+from .timing import time_calls
 
 # (rows = B*L, V): the sampler's workload per step for a batch of sequences, LM1B and OWT vocabularies.
 FULL_ROWS = (1024, 8192, 65536)
-FULL_VOCABS = (30522, 50258)
+FULL_VOCABS = tuple(PRESET_SHAPES[s]["vocab_size"] for s in ("lm1b", "owt"))
 TINY = (16, 4099)  # smoke mode: odd V, a few rows
 CPU_MEM_BUDGET = 20e9  # bytes the CPU benchmarks may allocate (inputs + eager temporaries)
 
 
-def is_smoke(config) -> bool:
-    """--benchmark-disable (CI): only the tiny case runs, once."""
-    try:
-        return bool(config.getoption("benchmark_disable"))
-    except ValueError:
-        return True
-
-
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the threads and torch's CPU capability."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = cpu_name().split(" (")[0]
     return f"{name} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
-
-
-# Results folder name (cpu-<short cpu name> / cuda-<short gpu name>): the one the generation benchmarks use.
-device_tag = device_slug
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_bytes(rows: int, V: int, logits_dtype: torch.dtype, with_eps: bool = True) -> int:
@@ -64,6 +46,7 @@ def eager_step_peak_bytes(rows: int, V: int, logits_dtype: torch.dtype) -> int:
 
 
 def make_step_inputs(rows: int, V: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """(z, logits, a, b, c, eps) of one flow_map_step call; logits in ``dtype``, the rest float32."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     z = torch.randn(rows, V, generator=g, device=device)
@@ -75,55 +58,17 @@ def make_step_inputs(rows: int, V: int, dtype: torch.dtype, device: torch.device
     return z, logits, a, b, c, eps
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds per call (CUDA: events on the current stream)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    n = nbytes // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, *, repeats: int = 10, warmup: int = 3) -> dict:
+    """Device-to-device copy of ``nbytes``: bytes moved (read + write), the timing in ms, and GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, repeats, warmup=2)
-    return 2 * n * 4 / t
-
-
-@pytest.fixture(scope="session")
-def ops_smoke(request) -> bool:
-    return is_smoke(request.config)
-
-
-@pytest.fixture(scope="session")
-def ops_device(request) -> torch.device:
-    try:
-        opt = request.config.getoption("--bench-device")
-    except ValueError:
-        opt = None
-    if opt:
-        return torch.device(opt)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    moved = 2 * src.numel() * 4
+    t = time_calls(lambda: dst.copy_(src), device, repeats=repeats, warmup=warmup)
+    return {"bytes": moved, **t.ms(), "gbps": moved / t.median_s / 1e9}
 
 
 def size_skip_reason(rows: int, V: int, dtype: torch.dtype, device: torch.device, smoke: bool,
-                     impl: str) -> str | None:
+                     impl: str) -> Optional[str]:
     """Why a benchmark case does not run here, or None."""
     if smoke:
         return None if (rows, V) == TINY else "smoke mode (--benchmark-disable): only the tiny case runs"

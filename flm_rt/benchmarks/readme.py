@@ -1,0 +1,177 @@
+"""The README's performance table, generated from the committed ``flm-rt bench`` results.
+
+    python -m flm_rt.benchmarks.readme            # rewrite README.md between the perf-table markers (make readme-perf)
+    python -m flm_rt.benchmarks.readme --check    # exit 1 when README.md is not what the results give
+
+One result set per machine: the newest ``results.json`` (by its ``meta.date_utc``) under ``bench/results/<machine>/``
+(any depth). Its medians fill the table's cases and columns wherever that run measured them.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+import textwrap
+from typing import Optional, Sequence
+
+BEGIN = "<!-- perf-table:begin -->"
+END = "<!-- perf-table:end -->"
+CASES = (("lm1b", 1, 1), ("lm1b", 1, 8), ("lm1b", 8, 1), ("owt", 1, 1))  # (shape, steps, batch)
+COLUMNS = (("reference", "reference"), ("flm_rt", "flm_rt (ids = reference)"),
+           ("onnx", "ONNX Runtime (ids = reference)"), ("aoti", "AOTInductor"),
+           ("flm_rt[embedding-noise]", '`noise_space="embedding"`'), ("autoregressive", "autoregressive"))
+ISA_FLAGS = ("avx512_bf16", "amx_bf16")  # beside torch's CPU capability: what sets the native bf16 path
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def newest_result_sets(results_dir: str) -> list:
+    """[(path, data)] of the newest ``results.json`` per machine (its first folder under ``results_dir``), in
+    machine order. Files without a dated ``meta`` and a ``results`` list (other tools' outputs) are not sets."""
+    newest: dict = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "**", "results.json"), recursive=True)):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+        meta = data.get("meta") if isinstance(data, dict) else None
+        if not (isinstance(meta, dict) and meta.get("date_utc") and isinstance(data.get("results"), list)):
+            continue
+        machine = os.path.relpath(path, results_dir).split(os.sep)[0]
+        if machine not in newest or meta["date_utc"] > newest[machine][1]["meta"]["date_utc"]:
+            newest[machine] = (path, data)
+    return [newest[m] for m in sorted(newest)]
+
+
+def _seconds(s: float) -> str:
+    if s < 1:
+        return f"{s * 1e3:.0f} ms"
+    return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+
+
+def _times(x: float) -> str:
+    return f"{x:.0f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def _ids_note(row: dict) -> str:
+    match = row.get("tokens_match_reference")
+    return "" if match is None or match == 1.0 else f", ids {100 * match:.1f}% = reference"
+
+
+def _isa(meta: dict) -> str:
+    if meta.get("device", "").startswith("cuda"):
+        return f"CUDA {meta.get('cuda') or '?'}"
+    isa = meta.get("cpu_isa")
+    if not isa:
+        return "not recorded"
+    flags = [f for f in ISA_FLAGS if f in (isa.get("flags") or [])]
+    return f"{isa.get('torch_cpu_capability')}" + (f" ({', '.join(flags)})" if flags else "")
+
+
+def _machine(meta: dict) -> str:
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(meta.get("dtype"), meta.get("dtype"))
+    return f"{meta.get('device_name')}, {dtype}, {meta.get('threads')} threads"
+
+
+def _when(meta: dict) -> str:
+    load = meta.get("loadavg_start")
+    return meta["date_utc"][:10] + (f", {load[0]:.1f}" if load else "")
+
+
+def _cells(rows: dict, shape: str, steps: int, batch: int) -> Optional[list]:
+    """The columns' cells of one case, or None when the run measured none of them."""
+    got = {name: rows.get((shape, name, None if name == "autoregressive" else steps, batch)) for name, _ in COLUMNS}
+    if not any(got.values()):
+        return None
+    ref, flm, ar = got["reference"], got["flm_rt"], got["autoregressive"]
+    cells = []
+    for name, _ in COLUMNS:
+        r = got[name]
+        if r is None:
+            cells.append("")
+        elif name == "flm_rt":
+            vs = f" ({_times(ref['median_s'] / r['median_s'])})" if ref else ""
+            cells.append(f"**{_seconds(r['median_s'])}{vs}**{_ids_note(r)}")
+        elif name == "autoregressive" and flm:
+            cells.append(f"{_seconds(r['median_s'])} (flm_rt {_times(r['median_s'] / flm['median_s'])} faster)")
+        else:
+            cells.append(_seconds(r["median_s"]) + (_ids_note(r) if name == "onnx" else ""))
+    return cells
+
+
+def render_table(results_dir: str, root: Optional[str] = None) -> str:
+    """The Markdown between the markers: one table, the newest result set of each machine, and its sources
+    (paths relative to ``root``, the repository by default)."""
+    root = root or _repo_root()
+    lines = ["| machine | ISA | date, load average | case | " + " | ".join(h for _, h in COLUMNS) + " |",
+             "|---|---|---|---|" + "---:|" * len(COLUMNS)]
+    sources = []
+    for path, data in newest_result_sets(results_dir):
+        meta = data["meta"]
+        rows = {(r["shape"], r["row"], r.get("steps"), r["batch"]): r for r in data["results"]
+                if isinstance(r, dict) and r.get("status") == "ok"}
+        first = True
+        for shape, steps, batch in CASES:
+            cells = _cells(rows, shape, steps, batch)
+            if cells is None:
+                continue
+            head = [_machine(meta), _isa(meta), _when(meta)] if first else ["", "", ""]
+            case = f"{shape}, {steps} step{'s' if steps > 1 else ''}, B {batch}"
+            lines.append("| " + " | ".join(head + [case] + cells) + " |")
+            first = False
+        if not first:
+            sources.append(f"`{os.path.relpath(path, root)}` (commit {meta.get('git_commit') or '?'})")
+    if not sources:
+        raise ValueError(f"no benchmark result sets (results.json with meta and results) under {results_dir}")
+    note = ("Medians of the newest `flm-rt bench` run on each machine, random weights; speed-ups are against the "
+            "reference in the same run. Generated by `make readme-perf` from " + ", ".join(sources) + ".")
+    lines += ["", textwrap.fill(note, width=116, break_long_words=False, break_on_hyphens=False)]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, table: str) -> str:
+    """``text`` with what lies between the perf-table markers replaced by ``table``."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"the README needs exactly one {BEGIN} line followed by one {END} line")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{table}{END}{tail}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    root = _repo_root()
+    p = argparse.ArgumentParser(prog="python -m flm_rt.benchmarks.readme", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=os.path.join(root, "bench", "results"), help="results folder")
+    p.add_argument("--readme", default=os.path.join(root, "README.md"), help="the README to rewrite")
+    p.add_argument("--check", action="store_true", help="only compare: exit 1 when the README is out of date")
+    args = p.parse_args(argv)
+    try:
+        with open(args.readme) as f:
+            text = f.read()
+        new = replace_section(text, render_table(args.results, os.path.dirname(os.path.abspath(args.readme))))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{args.readme}: the performance table is out of date; run `make readme-perf`", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.readme)), prefix=".readme-")
+        with os.fdopen(fd, "w") as f:
+            f.write(new)
+        os.chmod(tmp, os.stat(args.readme).st_mode & 0o777)
+        os.replace(tmp, args.readme)
+    print(f"{args.readme}: performance table {'rewritten' if new != text else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""README.md's performance table is generated from bench/results/ (flm_rt.benchmarks.readme, `make readme-perf`):
+a hand edit of the table, or a new result set committed without regenerating it, fails here."""
+import json
+from pathlib import Path
+
+import pytest
+
+from flm_rt.benchmarks import readme
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_table_is_what_the_committed_results_give():
+    text = (ROOT / "README.md").read_text()
+    table = readme.render_table(str(ROOT / "bench" / "results"), str(ROOT))
+    assert readme.replace_section(text, table) == text, "README.md's perf table is stale: run `make readme-perf`"
+    assert readme.main(["--check"]) == 0
+
+
+def _result_set(path: Path, date: str, ref_s: float, flm_s: float, match: float = 1.0) -> None:
+    rows = [{"shape": "lm1b", "row": "reference", "steps": 1, "batch": 1, "status": "ok", "median_s": ref_s},
+            {"shape": "lm1b", "row": "flm_rt", "steps": 1, "batch": 1, "status": "ok", "median_s": flm_s,
+             "tokens_match_reference": match},
+            {"shape": "lm1b", "row": "onnx", "steps": 1, "batch": 1, "status": "error", "median_s": None}]
+    meta = {"date_utc": date, "device": "cpu", "device_name": f"CPU {path.parts[-2]}", "dtype": "float32",
+            "threads": 2, "loadavg_start": [0.5, 0.4, 0.3], "git_commit": "abc1234",
+            "cpu_isa": {"torch_cpu_capability": "AVX2", "flags": ["avx2", "fma"]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": rows}))
+
+
+def test_the_newest_result_set_of_each_machine_fills_the_table(tmp_path):
+    res = tmp_path / "bench" / "results"
+    _result_set(res / "cpu-a" / "results.json", "2026-01-02T00:00:00Z", 0.300, 0.200)
+    _result_set(res / "cpu-a" / "older" / "results.json", "2026-01-01T00:00:00Z", 0.900, 0.100)
+    _result_set(res / "cpu-b" / "deep" / "run" / "results.json", "2026-01-03T00:00:00Z", 2.5, 1.25, match=0.75)
+    (res / "cpu-b" / "serve").mkdir(parents=True)
+    (res / "cpu-b" / "serve" / "results.json").write_text(json.dumps({"meta": None, "levels": []}))  # not a set
+    table = readme.render_table(str(res), str(tmp_path))
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| CPU cpu-a, fp32, 2 threads | AVX2 | 2026-01-02, 0.5 | lm1b, 1 step, B 1 | 300 ms | "
+                              "**200 ms (1.50x)** |")
+    assert "900 ms" not in table  # the older set of the same machine
+    assert "| 2.50 s | **1.25 s (2.00x)**, ids 75.0% = reference |" in rows[1]
+    assert "`bench/results/cpu-a/results.json` (commit abc1234)" in table
+    assert "bench/results/cpu-b/deep/run/results.json" in table and "serve" not in table
+
+
+def test_rewrite_replaces_only_the_marked_section(tmp_path):
+    res = tmp_path / "bench" / "results"
+    _result_set(res / "cpu-a" / "results.json", "2026-01-02T00:00:00Z", 0.300, 0.200)
+    md = tmp_path / "README.md"
+    md.write_text(f"# x\n\nbefore\n{readme.BEGIN}\n| old | table |\n{readme.END}\n\nafter\n")
+    args = ["--results", str(res), "--readme", str(md)]
+    assert readme.main(args + ["--check"]) == 1
+    assert readme.main(args) == 0
+    text = md.read_text()
+    assert text.startswith("# x\n\nbefore\n" + readme.BEGIN + "\n| machine |") and text.endswith(readme.END + "\n\nafter\n")
+    assert "old" not in text and "**200 ms (1.50x)**" in text
+    assert readme.main(args + ["--check"]) == 0
+    # a new, newer run of the machine makes the README stale again
+    _result_set(res / "cpu-a" / "new" / "results.json", "2026-02-01T00:00:00Z", 0.400, 0.100)
+    assert readme.main(args + ["--check"]) == 1
+
+
+def test_missing_markers_or_results_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="perf-table:begin"):
+        readme.replace_section("no markers here\n", "| t |\n")
+    md = tmp_path / "README.md"
+    md.write_text("no markers\n")
+    res = tmp_path / "results"
+    _result_set(res / "cpu-a" / "results.json", "2026-01-02T00:00:00Z", 0.3, 0.2)
+    assert readme.main(["--results", str(res), "--readme", str(md)]) == 2
+    assert md.read_text() == "no markers\n"
+    (res / "cpu-a" / "results.json").write_text("{not json")
+    md.write_text(f"{readme.BEGIN}\n{readme.END}\n")
+    assert readme.main(["--results", str(res), "--readme", str(md)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "perf-table:begin" in err[0] and "results.json: not a readable JSON file" in err[1]
