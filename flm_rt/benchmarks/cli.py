@@ -11,8 +11,8 @@ from ..model import PRESET_SHAPES
 from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, MODEL_SHAPE
 
 QUICK_HELP = ("a subset that finishes in under 10 minutes on a 2-core CPU: lm1b batch 1 at steps 1,2,4,8 (reference, "
-              "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], onnx when flm_rt.export "
-              "exists); owt batch 1 at 1 step (reference, flm_rt, flm_rt[embedding-noise]); the autoregressive "
+              "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], onnx when onnxruntime is "
+              "installed); owt batch 1 at 1 step (reference, flm_rt, flm_rt[embedding-noise]); the autoregressive "
               "baseline generating 1024 tokens; 3 warm-ups and 5 timed runs per case (median, min-max, IQR)")
 
 
