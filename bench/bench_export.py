@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from golden_files import require_golden  # noqa: E402  (the tests' lookup of ../shared and its skip message)
+
 _EXP = importlib.import_module("flm_rt.export")
 time_exported = _EXP.time_exported
 load_exported = _EXP.load_exported
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny"
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "aoti": ".pt2"}
 RUNTIMES = ["onnxruntime", "torchscript", "aoti", "eager"]
 FORMAT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript", "aoti": "aoti"}
@@ -34,9 +36,7 @@ FORMAT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript", "aoti": "aoti"
 def _model():
     import flm_rt
 
-    if not (GOLDEN / "fmlm.ckpt").is_file():
-        pytest.skip(f"golden model not found at {GOLDEN}")
-    return flm_rt.load(GOLDEN / "fmlm.ckpt", device="cpu")
+    return flm_rt.load(require_golden() / "fmlm.ckpt", device="cpu")
 
 
 def export_all(model, outdir: Path, formats, *, steps: int = 1, stochasticity: float = 0.0, batch: int = 3) -> dict:
