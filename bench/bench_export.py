@@ -22,12 +22,16 @@ import pytest
 import torch
 
 from flm_rt.benchmarks.pytest_plugin import is_smoke
+try:
+    from golden_files import require_golden  # tests/golden_files.py, on pytest's pythonpath: where ../shared is
+except ImportError:  # run as a script (python bench/bench_export.py): no pytest pythonpath
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from golden_files import require_golden
 
 _EXP = importlib.import_module("flm_rt.exporting")
 time_exported = _EXP.time_exported
 load_exported = _EXP.load_exported
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny"
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "aoti": ".pt2"}
 RUNTIMES = ["onnxruntime", "torchscript", "aoti", "eager"]
 FORMAT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript", "aoti": "aoti"}
@@ -36,9 +40,7 @@ FORMAT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript", "aoti": "aoti"
 def _model():
     import flm_rt
 
-    if not (GOLDEN / "fmlm.ckpt").is_file():
-        pytest.skip(f"golden model not found at {GOLDEN}")
-    return flm_rt.load(GOLDEN / "fmlm.ckpt", device="cpu")
+    return flm_rt.load(require_golden() / "fmlm.ckpt", device="cpu")
 
 
 def export_all(model, outdir: Path, formats, *, steps: int = 1, stochasticity: float = 0.0, batch: int = 3) -> dict:

@@ -3,31 +3,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-# ../shared beside the repository; FLM_RT_SHARED points elsewhere (the GPU kit carries a staged copy).
-SHARED = Path(os.environ.get("FLM_RT_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-GOLDEN = SHARED / "golden"
-TINY = GOLDEN / "tiny"
-
-
-def require_golden_dir() -> Path:
-    """The golden folder, or a FileNotFoundError that says where it was looked for."""
-    if not TINY.is_dir():
-        raise FileNotFoundError(f"golden vectors not found at {TINY}: the tests need ../shared/ beside the "
-                                "repository (or FLM_RT_SHARED pointing at a copy of it)")
-    return TINY
-
-
-def require_golden() -> Path:
-    try:
-        return require_golden_dir()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
+# The lookup of ../shared (or FLM_RT_SHARED) and its one skip message live in golden_files.py (bench/ uses it too).
+from golden_files import GOLDEN, SHARED, TINY, missing_reason, require_golden, require_golden_dir  # noqa: F401
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +36,7 @@ def golden_meta() -> dict:
 
 @pytest.fixture(scope="session")
 def schedule_table() -> dict:
+    require_golden()
     return json.loads((GOLDEN / "schedule.json").read_text())
 
 

@@ -3,19 +3,11 @@ report writer produces its three files from a tiny run."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TINY = SHARED / "golden" / "tiny"
-
-
-def _need_golden() -> Path:
-    if not TINY.is_dir():
-        pytest.fail(f"golden vectors not found at {TINY}: the tests need ../shared/ beside the repository")
-    return TINY
+from golden_files import require_golden as _need_golden
 
 
 @pytest.fixture(scope="module")

@@ -63,8 +63,9 @@ def test_info_and_convert(golden_dir, tmp_path):
     (["generate", "{golden}/fmlm.ckpt", "-n", "0"], "num_samples"),
     (["generate", "{golden}/fmlm.ckpt", "--device", "cuda:7"], "CUDA|device"),
 ])
-def test_errors_are_clean(golden_dir, args, match):
-    out = run(*[a.format(golden=golden_dir) for a in args])
+def test_errors_are_clean(request, args, match):
+    golden = request.getfixturevalue("golden_dir") if any("{golden}" in a for a in args) else None
+    out = run(*[a.format(golden=golden) for a in args])
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "flm-rt: error:" in out.stderr and "Traceback" not in out.stderr
     import re

@@ -1,12 +1,16 @@
-"""torch.compile(fullgraph=True) over both compiled ops: the schemas, fake kernels and the in-place op's
-functionalization let Dynamo capture a whole sampler step without a graph break, and the compiled function
-computes what the eager one does (same kernels, so the same bits)."""
+"""torch.compile(fullgraph=True) over the compiled ops: the schemas, fake kernels and the in-place op's
+functionalization let Dynamo capture a whole sampler step (and the fused vocabulary pass) without a graph break,
+and the compiled function computes what the eager one does (same kernels, so the same bits) and what the
+references compute. The reference path (backend="torch") compiles as well, with or without flm_rt._C."""
 import pytest
 import torch
 
 from flm_rt import _ext, ops
 
-pytestmark = pytest.mark.skipif(not _ext.EXT_LOADED, reason=f"flm_rt._C not loaded: {_ext.EXT_ERROR}")
+needs_ext = pytest.mark.skipif(not _ext.EXT_LOADED, reason=f"flm_rt._C not loaded: {_ext.EXT_ERROR}")
+needs_pass = pytest.mark.skipif(not (_ext.EXT_LOADED and _ext.has_kernel("vocab_pass_argmax", "cpu")),
+                                reason="flm_rt._C without the fused vocabulary pass")
+RTOL, ATOL = 1e-5, 1e-6
 
 
 def step_then_argmax(z, logits, a, b, c, eps):
@@ -26,9 +30,22 @@ def _inputs(dtype):
     return z, logits, a, b, c, eps
 
 
+def _assert_matches_references(args, outs):
+    """The step, the in-place step (cap 61: the online max/sum path, no eps) and the argmax against the references."""
+    z, logits, a, b, c, eps = args
+    a, b, c = (t.view(3, 5) for t in (a, b, c))
+    step, step_, idx, val = outs
+    torch.testing.assert_close(step, ops.flow_map_step_reference(z, logits, a, b, c, eps, 30.0), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(step_, ops.flow_map_step_reference(step, logits, a, b, c, None, 61.0),
+                               rtol=RTOL, atol=ATOL)
+    want_idx, want_val = ops.vocab_argmax_reference(step_)
+    assert torch.equal(idx, want_idx) and torch.equal(val, want_val)
+
+
+@needs_ext
 @pytest.mark.parametrize("backend,dtype", [("aot_eager", torch.float32), ("aot_eager", torch.bfloat16),
-                                           ("inductor", torch.float32)], ids=["aot_eager-f32", "aot_eager-bf16",
-                                                                              "inductor-f32"])
+                                           ("aot_eager", torch.float16), ("inductor", torch.float32)],
+                         ids=["aot_eager-f32", "aot_eager-bf16", "aot_eager-f16", "inductor-f32"])
 def test_compile_fullgraph_matches_eager(backend, dtype):
     torch._dynamo.reset()
     args = _inputs(dtype)
@@ -41,8 +58,10 @@ def test_compile_fullgraph_matches_eager(backend, dtype):
     z, logits, a, b, c, eps = args
     ref = ops.flow_map_step_reference(z, logits, a.view(3, 5), b.view(3, 5), c.view(3, 5), eps, 30.0)
     torch.testing.assert_close(want[0], ref, rtol=1e-5, atol=1e-6)
+    _assert_matches_references(args, got)
 
 
+@needs_ext
 def test_compile_counts_one_graph():
     from torch._dynamo.testing import CompileCounter
 
@@ -51,3 +70,55 @@ def test_compile_counts_one_graph():
     f = torch.compile(step_then_argmax, fullgraph=True, backend=cnt)
     f(*_inputs(torch.float32))
     assert cnt.frame_count == 1 and cnt.op_count >= 3
+
+
+def vocab_pass(y, weight, bias, embed):
+    i, v = torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, 30.0, 16, False)
+    i0, v0 = torch.ops.flm_rt.vocab_pass_argmax(y, weight, None, 0.0, 7, True)  # no cap, no bias, prepacked
+    emb = torch.ops.flm_rt.vocab_pass_embed(y, weight, bias, embed, 30.0, 16, True)
+    return i, v, i0, v0, emb
+
+
+@needs_pass
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_vocab_pass_matches_eager_and_reference(backend):
+    """Integer-valued y, weight and bias: every GEMM is exact, so the ids must equal the reference's (ties too)."""
+    g = torch.Generator().manual_seed(1)
+    y, weight, bias = (torch.randint(-2, 3, shape, generator=g).float() for shape in ((2, 3, 16), (70, 16), (70,)))
+    embed = torch.randn(70, 5, generator=g)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        want = vocab_pass(y, weight, bias, embed)
+        got = torch.compile(vocab_pass, fullgraph=True, backend=backend)(y, weight, bias, embed)
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+    i, v, i0, v0, emb = got
+    ri, rv = ops.vocab_pass_argmax_reference(y, weight, bias, 30.0)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
+    ri0, rv0 = ops.vocab_pass_argmax_reference(y, weight, None, 0.0)
+    assert torch.equal(i0, ri0) and torch.equal(v0, rv0)
+    torch.testing.assert_close(emb, ops.vocab_pass_embed_reference(y, weight, bias, embed, 30.0), rtol=2e-5, atol=2e-6)
+
+
+def reference_step_then_argmax(z, logits, a, b, c, eps):
+    out = ops.flow_map_step(z, logits, a, b, c, eps, 30.0, backend="torch")
+    z2 = out.clone()
+    ops.flow_map_step_(z2, logits, a, b, c, None, 61.0, backend="torch")
+    idx, val = ops.vocab_argmax(z2, backend="torch")
+    return out, z2, idx, val
+
+
+def test_compile_fullgraph_reference_path():
+    """backend="torch": plain tensor ops through the public functions, one graph, the eager bits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    args = list(_inputs(torch.bfloat16))
+    args[2:5] = (t.view(3, 5) for t in args[2:5])
+    cnt = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(reference_step_then_argmax, fullgraph=True, backend=cnt)(*args)
+    want = reference_step_then_argmax(*args)
+    assert cnt.frame_count == 1
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+    _assert_matches_references(args, got)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
+from golden_files import SHARED, require_golden
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "bench" / "gpu" / "check.py"
@@ -21,6 +21,7 @@ KIT = ROOT / "bench" / "gpu" / "check.py"
 
 @pytest.fixture(scope="module")
 def kit_run(tmp_path_factory):
+    require_golden()  # the kit's golden step must succeed here
     out = tmp_path_factory.mktemp("gpu-check")
     p = subprocess.run([sys.executable, str(KIT), "--cpu", "--out", str(out), "--budget-s", "400"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT,

@@ -19,16 +19,19 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flm_rt import _ext, ops
 
-pytestmark = pytest.mark.skipif(not _ext.EXT_LOADED, reason=f"flm_rt._C not loaded: {_ext.EXT_ERROR}")
-
+# Every test of a compiled kernel needs flm_rt._C; the reference path (test_reference_path_is_exportable) does not.
+needs_ext = pytest.mark.skipif(not _ext.EXT_LOADED, reason=f"flm_rt._C not loaded: {_ext.EXT_ERROR}")
 HAS_CUDA = torch.cuda.is_available()
 CUDA_BUILT = _ext.EXT_LOADED and _ext.has_kernel("flow_map_step", "cuda")
 DEVICES = [
-    pytest.param("cpu", id="cpu"),
+    pytest.param("cpu", id="cpu", marks=needs_ext),
     pytest.param("cuda", id="cuda", marks=[
+        needs_ext,
         pytest.mark.cuda,
         pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"),
         pytest.mark.skipif(HAS_CUDA and not CUDA_BUILT, reason="flm_rt._C built without CUDA kernels"),
@@ -367,43 +370,33 @@ def test_argmax_bad_inputs(device):
 # ------------------------------------------------------------------------------------------------------
 # Property tests
 # ------------------------------------------------------------------------------------------------------
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # only the property tests need hypothesis
-    given = settings = st = None
+_special = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e4, -1e4, 1e-6, float("inf"), float("-inf"), float("nan")])
+_values = st.one_of(st.floats(-1e4, 1e4, width=32), _special)
 
-if st is None:
-    @pytest.mark.skip(reason="hypothesis not installed")
-    def test_property_tests_need_hypothesis():
-        pass
 
-if st is not None:
-    _special = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e4, -1e4, 1e-6, float("inf"), float("-inf"), float("nan")])
-    _values = st.one_of(st.floats(-1e4, 1e4, width=32), _special)
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 6), V=st.integers(1, 70), data=st.data(),
+       dtype=st.sampled_from(FLOATS))
+def test_argmax_property(device, rows, V, data, dtype):
+    vals = data.draw(st.lists(_values, min_size=rows * V, max_size=rows * V))
+    x = torch.tensor(vals, dtype=torch.float32).reshape(rows, V).to(dtype).to(device)
+    assert_argmax_exact(x)
 
-    @pytest.mark.parametrize("device", DEVICES)
-    @settings(max_examples=80, deadline=None)
-    @given(rows=st.integers(1, 6), V=st.integers(1, 70), data=st.data(),
-           dtype=st.sampled_from(FLOATS))
-    def test_argmax_property(device, rows, V, data, dtype):
-        vals = data.draw(st.lists(_values, min_size=rows * V, max_size=rows * V))
-        x = torch.tensor(vals, dtype=torch.float32).reshape(rows, V).to(dtype).to(device)
-        assert_argmax_exact(x)
 
-    @pytest.mark.parametrize("device", DEVICES)
-    @settings(max_examples=60, deadline=None)
-    @given(rows=st.integers(1, 8), V=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
-           scale=st.sampled_from([1e-6, 1.0, 10.0, 1e3]), cap=st.sampled_from([30.0, 0.0, 3.0, 80.0]),
-           a=st.floats(-2, 2), b=st.floats(-2, 2), c=st.floats(-2, 2), with_eps=st.booleans(),
-           dtype=st.sampled_from(FLOATS))
-    def test_step_property(device, rows, V, seed, scale, cap, a, b, c, with_eps, dtype):
-        g = _gen(seed)
-        z = torch.randn(rows, V, generator=g).to(device)
-        logits = (torch.randn(rows, V, generator=g) * scale).to(dtype).to(device)
-        eps = torch.randn(rows, V, generator=g).to(device) if with_eps else None
-        torch.testing.assert_close(ext_step(z, logits, a, b, c, eps, cap), ref_step(z, logits, a, b, c, eps, cap),
-                                   rtol=RTOL, atol=ATOL)
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 8), V=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([1e-6, 1.0, 10.0, 1e3]), cap=st.sampled_from([30.0, 0.0, 3.0, 80.0]),
+       a=st.floats(-2, 2), b=st.floats(-2, 2), c=st.floats(-2, 2), with_eps=st.booleans(),
+       dtype=st.sampled_from(FLOATS))
+def test_step_property(device, rows, V, seed, scale, cap, a, b, c, with_eps, dtype):
+    g = _gen(seed)
+    z = torch.randn(rows, V, generator=g).to(device)
+    logits = (torch.randn(rows, V, generator=g) * scale).to(dtype).to(device)
+    eps = torch.randn(rows, V, generator=g).to(device) if with_eps else None
+    torch.testing.assert_close(ext_step(z, logits, a, b, c, eps, cap), ref_step(z, logits, a, b, c, eps, cap),
+                               rtol=RTOL, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -426,6 +419,7 @@ def test_opcheck(device):
 # ------------------------------------------------------------------------------------------------------
 # Backend selection and traceability of the reference path
 # ------------------------------------------------------------------------------------------------------
+@needs_ext
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv("FLM_RT_KERNELS", raising=False)
     assert ops.kernels_backend("cpu", torch.float32) == "ext"
@@ -448,6 +442,7 @@ def test_backend_selection(monkeypatch):
         ops.vocab_argmax(torch.randn(2, 3), backend="cuda")
 
 
+@needs_ext
 def test_auto_dispatch_uses_ext_and_falls_back(monkeypatch):
     monkeypatch.delenv("FLM_RT_KERNELS", raising=False)
     z = torch.randn(4, 50)
@@ -512,6 +507,7 @@ print("VARIANT_OK")
 """
 
 
+@needs_ext
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_cpu_variants(capability):
     compiled = [c.lower() for c in _ext.build_info()["cpu_capabilities_compiled"]]

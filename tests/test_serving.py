@@ -18,17 +18,21 @@ import torch
 
 import flm_rt
 
-openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install 'flm_rt[serve]')")
-import httpx2 as httpx  # noqa: E402  (the HTTP client the openai package uses)
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+import httpx2 as httpx  # the HTTP client huggingface_hub and the openai package use
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import small_config  # noqa: E402
-from flm_rt.serving.engine import (  # noqa: E402
+from conftest import small_config
+from flm_rt.serving.engine import (
     BatchingEngine, EngineConfig, Job, QueueFullError, RequestTimeoutError, group_jobs, run_batch,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-gpt2"
+
+
+def openai_module():
+    """The official client, for the tests that drive the server with it (the others use raw HTTP)."""
+    return pytest.importorskip("openai", reason="the openai client is not installed (pip install 'flm_rt[dev]')")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +147,7 @@ class Server:
         raise RuntimeError("server did not become ready in 90 s")
 
     def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
+        return openai_module().OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
 
     def stop(self) -> str:
         if self.proc.poll() is None:
@@ -265,6 +269,7 @@ def test_bad_requests_get_clear_errors(server, body, status, message):
 
 
 def test_bad_requests_through_the_openai_client(server):
+    openai = openai_module()
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="generate unconditionally"):
         client.completions.create(model=NAME, prompt="Hello")

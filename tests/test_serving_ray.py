@@ -12,8 +12,9 @@ import pytest
 
 import flm_rt
 
+# Module-level: the one test here needs both the Ray cluster and the openai client.
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'flm_rt[serve]')")
-openai = pytest.importorskip("openai", reason="the serve extra is not installed")
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'flm_rt[dev]')")
 
 from conftest import small_config  # noqa: E402
 

@@ -13,7 +13,8 @@ import torch
 import flm_rt
 from flm_rt import _ext, ops, samplers
 
-pytestmark = pytest.mark.skipif(not (_ext.EXT_LOADED and _ext.has_kernel("vocab_pass_argmax", "cpu")),
+# The kernel tests need the compiled pass; the samplers with the switch on take the reference pass without it.
+needs_pass = pytest.mark.skipif(not (_ext.EXT_LOADED and _ext.has_kernel("vocab_pass_argmax", "cpu")),
                                 reason="flm_rt._C without the fused vocabulary pass")
 ATOL, RTOL = 2e-6, 2e-5
 
@@ -38,6 +39,7 @@ def kernel_argmax(y, w, b, cap, chunk, prepacked):
     return torch.ops.flm_rt.vocab_pass_argmax(y, w, b, cap, chunk, prepacked)
 
 
+@needs_pass
 @pytest.mark.parametrize("rows,d,v", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_ids_exact_with_ties(rows, d, v, dtype):
@@ -54,6 +56,7 @@ def test_argmax_ids_exact_with_ties(rows, d, v, dtype):
                     assert torch.equal(got_v, wv)
 
 
+@needs_pass
 def test_argmax_ties_go_to_the_first_chunk():
     y = torch.ones(4, 8)
     w = torch.ones(50, 8)  # every logit equal: index 0 wins, whatever the chunking
@@ -63,6 +66,7 @@ def test_argmax_ties_go_to_the_first_chunk():
     assert torch.equal(kernel_argmax(y, w, None, 30.0, 7, True)[0], torch.full((4,), 13))
 
 
+@needs_pass
 @pytest.mark.parametrize("chunk", [1, 5, 16, 100])
 def test_argmax_nan_and_infinities(chunk):
     y, w, b = int_problem((6,), 8, 60, torch.float32, seed=1)
@@ -83,6 +87,7 @@ def test_argmax_nan_and_infinities(chunk):
     assert torch.equal(kernel_argmax(y, w, b, 0.0, chunk, False)[0], torch.full((6,), 3))
 
 
+@needs_pass
 def test_argmax_random_floats():
     g = torch.Generator().manual_seed(0)
     y, w, b = torch.randn(2, 64, 96, generator=g), torch.randn(3001, 96, generator=g), torch.randn(3001, generator=g)
@@ -95,6 +100,7 @@ def test_argmax_random_floats():
         assert clear.float().mean() > 0.9 and torch.equal(got[clear], want[clear])
 
 
+@needs_pass
 @pytest.mark.parametrize("rows,d,v", SHAPES)
 @pytest.mark.parametrize("cap", [0.0, 30.0])
 def test_embed_matches_reference(rows, d, v, cap):
@@ -109,6 +115,7 @@ def test_embed_matches_reference(rows, d, v, cap):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
+@needs_pass
 def test_embed_bf16_logits():
     g = torch.Generator().manual_seed(3)
     y, w, b = (torch.randn(5, 64, generator=g).bfloat16(), torch.randn(777, 64, generator=g).bfloat16(),
@@ -121,6 +128,7 @@ def test_embed_bf16_logits():
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+@needs_pass
 @pytest.mark.parametrize("chunk", [1, 8, 25, 64])
 def test_embed_nan_and_infinities(chunk):
     g = torch.Generator().manual_seed(4)
@@ -143,6 +151,7 @@ def test_embed_nan_and_infinities(chunk):
         assert torch.isnan(torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, cap, chunk, True)).all()
 
 
+@needs_pass
 def test_prepacked_cache_follows_the_weight():
     y, w, b = int_problem((3,), 16, 300, torch.float32, seed=5)
     first = kernel_argmax(y, w, b, 0.0, 64, True)[0]
@@ -151,6 +160,7 @@ def test_prepacked_cache_follows_the_weight():
     assert not torch.equal(first, kernel_argmax(y, w, b, 0.0, 64, True)[0])
 
 
+@needs_pass
 def test_errors_name_the_argument():
     y, w, b = int_problem((3,), 16, 30, torch.float32, seed=6)
     with pytest.raises(RuntimeError, match="weight must have the dtype of y"):
@@ -174,6 +184,7 @@ def test_errors_name_the_argument():
             del os.environ["FLM_RT_VOCAB_CHUNK"]
 
 
+@needs_pass
 def test_opcheck():
     y, w, b = int_problem((2, 3), 16, 70, torch.float32, seed=7)
     e = torch.randn(70, 5)
@@ -181,6 +192,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.flm_rt.vocab_pass_embed.default, (y, w, b, e, 30.0, 16, True))
 
 
+@needs_pass
 def test_no_cuda_kernel_falls_back_to_the_reference():
     """The CUDA kernel of the pass belongs to the GPU work: CUDA tensors take the reference under auto, and an
     explicit "ext" says why it cannot run."""
@@ -240,6 +252,7 @@ def test_switch_is_validated(monkeypatch):
     assert samplers.fused_vocab_pass(False) is False
 
 
+@needs_pass
 def test_peak_memory_does_not_hold_the_logits(monkeypatch):
     """Peak resident growth of a 1-step embedding-space generate, each in a fresh process (kernel high-water mark):
     without the pass it holds the [B, L, V] logits (30.7 MB here), with it only [B, L, chunk] blocks (2 MB)."""
