@@ -64,17 +64,28 @@ def ext_module() -> Any:
     return _C
 
 
+def _kernel_table() -> frozenset:
+    """(op, dispatch key) pairs that flm_rt._C registered, read once: a plain set that torch.compile can trace
+    through (the dispatcher query itself is opaque to it)."""
+    table = set()
+    if EXT_LOADED:
+        for op in OPS:
+            for key in ("CPU", "CUDA"):
+                try:
+                    if torch._C._dispatch_has_kernel_for_dispatch_key(f"flm_rt::{op}", key):
+                        table.add((op, key))
+                except Exception:
+                    pass
+    return frozenset(table)
+
+
+_KERNELS = _kernel_table()
+_DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``flm_rt::<op>`` has a compiled kernel for ``device_type`` ("cpu", "cuda", ...)."""
-    if not EXT_LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(str(device_type).lower())
-    if key is None:
-        return False
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"flm_rt::{op}", key))
-    except Exception:
-        return False
+    return (op, _DEVICE_KEYS.get(str(device_type).lower())) in _KERNELS
 
 
 def build_info(short: bool = False) -> dict[str, Any] | str:

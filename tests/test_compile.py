@@ -122,3 +122,31 @@ def test_compile_fullgraph_reference_path():
     for w, o in zip(want, got):
         assert torch.equal(w, o)
     _assert_matches_references(args, got)
+
+
+def public_step_then_argmax(z, logits, a, b, c, eps):
+    """The public wrappers with the default backend (auto): what a user compiling flm_rt code calls."""
+    out = ops.flow_map_step(z, logits, a, b, c, eps)
+    ops.flow_map_step_(out, logits, a, b, c, eps)
+    return out, ops.vocab_argmax(out)[0]
+
+
+@needs_ext
+def test_compile_fullgraph_public_wrappers_use_the_compiled_ops():
+    """The dispatch choice (kernels_backend) traces without a graph break, and the captured graph calls the
+    compiled operators, not the references; the result equals eager's."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    z, logits, a, b, c, eps = _inputs(torch.float32)
+    a, b, c = (t.view(3, 5) for t in (a, b, c))
+    got = torch.compile(public_step_then_argmax, fullgraph=True, backend=backend)(z, logits, a, b, c, eps)
+    want = public_step_then_argmax(z, logits, a, b, c, eps)
+    assert len(graphs) == 1
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {"flm_rt.flow_map_step", "flm_rt.flow_map_step_", "flm_rt.vocab_argmax"} <= targets, targets
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
