@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from .. import cli_args
 from ..model import PRESET_SHAPES
-from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, FLM_ROWS, MODEL_SHAPE
+from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, MODEL_SHAPE
 
 QUICK_HELP = ("a subset that finishes in under 10 minutes on a 2-core CPU: lm1b batch 1 at steps 1,2,4,8 (reference, "
               "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], onnx when onnxruntime is "

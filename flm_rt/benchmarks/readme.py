@@ -89,7 +89,7 @@ def _cells(rows: dict, shape: str, steps: int, batch: int) -> Optional[list]:
     got = {name: rows.get((shape, name, None if name == "autoregressive" else steps, batch)) for name, _ in COLUMNS}
     if not any(got.values()):
         return None
-    ref, flm, ar = got["reference"], got["flm_rt"], got["autoregressive"]
+    ref, flm = got["reference"], got["flm_rt"]
     cells = []
     for name, _ in COLUMNS:
         r = got[name]

@@ -10,7 +10,6 @@ Rows (what is timed, always from pre-drawn Gaussian noise unless the noise does 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import re
