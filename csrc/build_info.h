@@ -12,7 +12,7 @@ namespace flm_rt {
 std::vector<std::pair<std::string, std::string>> build_info_entries();
 
 #if defined(FLM_RT_WITH_CUDA)
-// Defined in cuda/vocab_argmax.cu: "nvcc <ver>, CUDA runtime headers <ver>".
+// Defined in cuda/build_info.cu: "nvcc <ver>, CUDA runtime headers <ver>".
 std::string cuda_build_description();
 #endif
 

@@ -4,6 +4,8 @@
 // RuntimeError) that names the operator, the argument and what was expected.
 #pragma once
 
+#include "fixed_shift.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -80,10 +82,5 @@ inline RowShape check_argmax_input(const char* op, const at::Tensor& x, c10::Dev
 
 // Coefficient stride: 0 for a single value broadcast over all rows, 1 for one value per row.
 inline int64_t coef_stride(const at::Tensor& t) { return t.numel() == 1 ? 0 : 1; }
-
-// Soft-capped logits are bounded by |y| <= cap, so for moderate caps exp(y) can be summed without
-// subtracting the row maximum (no overflow, no underflow to denormals: e^-60 ~ 8.8e-27). Above this cap,
-// and without a cap, the kernels use the max-subtracted (online) formulation.
-constexpr float kFixedShiftMaxCap = 60.0f;
 
 }  // namespace flm_rt

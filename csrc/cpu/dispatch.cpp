@@ -1,6 +1,9 @@
 #include "dispatch.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
+
+#include <algorithm>
 
 namespace flm_rt::cpu {
 
@@ -25,6 +28,13 @@ KernelTable make_table() {
 const KernelTable& kernels() {
   static const KernelTable table = make_table();
   return table;
+}
+
+void argmax_rows_parallel(const ArgmaxParams& p, int64_t rows) {
+  const auto& k = kernels();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / p.V), [&](int64_t r0, int64_t r1) {
+    k.argmax_rows(p, r0, r1);
+  });
 }
 
 std::vector<std::string> compiled_capabilities() {

@@ -3,6 +3,8 @@
 
 #include "vec_kernels.h"
 
+#include <c10/core/ScalarType.h>
+
 #include <string>
 #include <vector>
 
@@ -21,5 +23,17 @@ const KernelTable& kernels();
 
 // Capabilities compiled into this build, e.g. {"DEFAULT", "AVX2", "AVX512"}.
 std::vector<std::string> compiled_capabilities();
+
+// The kernels' name for a logits dtype (float32, bfloat16 or float16; the operators check it beforehand).
+inline FloatKind float_kind(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::BFloat16: return FloatKind::BF16;
+    case c10::ScalarType::Half: return FloatKind::F16;
+    default: return FloatKind::F32;
+  }
+}
+
+// kernels().argmax_rows over rows [0, rows) with at::parallel_for.
+void argmax_rows_parallel(const ArgmaxParams& p, int64_t rows);
 
 }  // namespace flm_rt::cpu

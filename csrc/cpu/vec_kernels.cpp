@@ -7,6 +7,7 @@
 // Everything here lives in namespace flm_rt::cpu::CPU_CAPABILITY; nothing is shared between copies.
 
 #include "vec_kernels.h"
+#include "../fixed_shift.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -108,7 +109,7 @@ template <typename T>
 void step_row(const T* __restrict__ lg, const float* z, const float* __restrict__ eps, float* out, float a,
               float b, float c, int64_t V, float cap, float* __restrict__ buf) {
   const bool capped = cap > 0.0f;
-  const bool fixed_shift = capped && cap <= 60.0f;  // == kFixedShiftMaxCap in common.h
+  const bool fixed_shift = capped && cap <= kFixedShiftMaxCap;
   const Vec vcap(capped ? cap : 1.0f);
   const Vec zero(0.0f);
   float sum;

@@ -13,11 +13,10 @@
 // cached here (when `prepacked` and torch has the mkldnn ops), else at::addmm / at::mm (MKL or oneDNN, as torch
 // chooses). The chunk loop is in C++ so that one op call does the whole pass; threads come from the GEMMs and
 // from ATen's element-wise ops (both at::parallel_for under the hood).
-#include "../common.h"
+#include "../op_wrappers.h"
 #include "dispatch.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
@@ -186,14 +185,6 @@ struct ChunkedProjection {
   }
 };
 
-cpu::FloatKind float_kind(c10::ScalarType t) {
-  switch (t) {
-    case c10::ScalarType::BFloat16: return cpu::FloatKind::BF16;
-    case c10::ScalarType::Half: return cpu::FloatKind::F16;
-    default: return cpu::FloatKind::F32;
-  }
-}
-
 std::vector<int64_t> row_sizes(const at::Tensor& y) {
   auto s = y.sizes().vec();
   s.pop_back();
@@ -205,8 +196,7 @@ std::tuple<at::Tensor, at::Tensor> vocab_pass_argmax_cpu(const at::Tensor& y, co
                                                          const std::optional<at::Tensor>& bias, double cap,
                                                          int64_t chunk, bool prepacked) {
   const PassShape s = check_pass_inputs("flm_rt::vocab_pass_argmax", y, weight, bias, chunk);
-  at::Tensor idx = at::empty(row_sizes(y), y.options().dtype(at::kLong));
-  at::Tensor val = at::empty(row_sizes(y), y.options());
+  auto [idx, val] = empty_argmax_outputs(y);
   if (s.rows == 0) return {idx, val};
   at::NoGradGuard no_grad;
   const ChunkedProjection proj(y, weight, bias, chunk, prepacked, s);
@@ -216,19 +206,16 @@ std::tuple<at::Tensor, at::Tensor> vocab_pass_argmax_cpu(const at::Tensor& y, co
   at::Tensor ci = at::empty({s.rows}, y.options().dtype(at::kLong));
   at::Tensor cv = at::empty({s.rows}, y.options());
   const at::Tensor cv_f = at::empty({s.rows}, y.options().dtype(at::kFloat));
-  const auto& k = cpu::kernels();
   for (int64_t c = 0; c < proj.count(); ++c) {
     at::Tensor lg = proj.logits(c);
     if (cap > 0) lg.div_(cap).tanh_().mul_(cap);  // same ops, same rounding as flm_rt.model.softcap_logits
     cpu::ArgmaxParams p{};
     p.x = lg.const_data_ptr();
-    p.kind = float_kind(lg.scalar_type());
+    p.kind = cpu::float_kind(lg.scalar_type());
     p.V = lg.size(1);
     p.indices = ci.mutable_data_ptr<int64_t>();
     p.values = cv.mutable_data_ptr();
-    at::parallel_for(0, s.rows, std::max<int64_t>(1, 65536 / p.V), [&](int64_t r0, int64_t r1) {
-      k.argmax_rows(p, r0, r1);
-    });
+    cpu::argmax_rows_parallel(p, s.rows);
     cv_f.copy_(cv);  // exact widening
     const int64_t* cip = ci.const_data_ptr<int64_t>();
     const float* cvp = cv_f.const_data_ptr<float>();

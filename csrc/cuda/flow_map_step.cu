@@ -12,18 +12,16 @@
 //           accesses (__ldcs / __stcs: touched once, so they do not evict the logits from L2).
 // No cross-block reductions, no atomics, no host synchronisation; launched on the current stream.
 // The soft-cap multiplies by a precomputed 1/cap (no per-element IEEE divide).
-#include "../common.h"
+#include "../op_wrappers.h"
 #include "kernel_utils.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <optional>
 
 namespace flm_rt::cuda {
 namespace {
@@ -45,8 +43,6 @@ struct StepArgs {
   bool fixed_shift;  // capped and cap <= kFixedShiftMaxCap: s = sum exp(y), m = 0
   bool aligned;      // every base pointer 16-byte aligned
 };
-
-constexpr int kWarpModeBlock = 256;  // threads per block when one warp handles one row
 
 // Launch bounds: threads per block, and enough resident blocks for 1536 of an SM's 2048 threads (75%
 // occupancy) in block mode, which caps the registers at 40 per thread; a cap of 32 (full occupancy) made
@@ -160,8 +156,6 @@ __global__ void __launch_bounds__(StepBounds<NT>::kThreads, StepBounds<NT>::kMin
   }
 }
 
-constexpr int64_t kMaxGrid = int64_t{1} << 20;
-
 template <typename T>
 void launch_step(const StepArgs<T>& args) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -180,22 +174,11 @@ void launch_step(const StepArgs<T>& args) {
 }
 
 template <typename T>
-void run_step(const at::Tensor& out, const at::Tensor& z, const at::Tensor& lg, const at::Tensor& a,
-              const at::Tensor& b, const at::Tensor& c, const at::Tensor& eps, double cap, const RowShape& shape) {
+void run_step(const at::Tensor& out, const StepOperands& in, double cap, const RowShape& shape) {
   StepArgs<T> args{};
-  args.logits = reinterpret_cast<const T*>(lg.const_data_ptr());
-  args.z = z.const_data_ptr<float>();
-  args.eps = eps.defined() ? eps.const_data_ptr<float>() : nullptr;
-  args.out = out.mutable_data_ptr<float>();
-  args.a = a.const_data_ptr<float>();
-  args.b = b.const_data_ptr<float>();
-  args.c = c.const_data_ptr<float>();
-  args.a_stride = coef_stride(a);
-  args.b_stride = coef_stride(b);
-  args.c_stride = coef_stride(c);
+  args.logits = reinterpret_cast<const T*>(in.logits.const_data_ptr());
+  set_step_params(args, out, in, cap, shape);
   args.rows = shape.rows;
-  args.V = shape.V;
-  args.cap = static_cast<float>(cap);
   args.inv_cap = cap > 0.0 ? static_cast<float>(1.0 / cap) : 0.0f;
   args.capped = cap > 0.0;
   args.fixed_shift = args.capped && args.cap <= kFixedShiftMaxCap;
@@ -204,53 +187,21 @@ void run_step(const at::Tensor& out, const at::Tensor& z, const at::Tensor& lg, 
   launch_step<T>(args);
 }
 
-void step_into(const at::Tensor& out, const at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
-               const at::Tensor& b, const at::Tensor& c, const std::optional<at::Tensor>& eps, double cap,
-               const RowShape& shape) {
-  if (shape.rows == 0) return;
-  const at::Tensor zc = z.contiguous();
-  const at::Tensor lc = logits.contiguous();
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous(), cc = c.contiguous();
-  const at::Tensor ec = (eps.has_value() && eps->defined()) ? eps->contiguous() : at::Tensor();
-  switch (lc.scalar_type()) {
-    case c10::ScalarType::Float: run_step<float>(out, zc, lc, ac, bc, cc, ec, cap, shape); break;
-    case c10::ScalarType::BFloat16: run_step<c10::BFloat16>(out, zc, lc, ac, bc, cc, ec, cap, shape); break;
-    case c10::ScalarType::Half: run_step<c10::Half>(out, zc, lc, ac, bc, cc, ec, cap, shape); break;
-    default: TORCH_CHECK(false, "flm_rt::flow_map_step: unsupported logits dtype ", lc.scalar_type());
-  }
-}
+struct CudaStep {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+  using Guard = c10::cuda::CUDAGuard;
 
-at::Tensor flow_map_step_cuda(const at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
-                              const at::Tensor& b, const at::Tensor& c, const std::optional<at::Tensor>& eps,
-                              double cap) {
-  const RowShape shape =
-      check_step_inputs("flm_rt::flow_map_step", z, logits, a, b, c, eps, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(z.device());
-  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(c10::MemoryFormat::Contiguous));
-  step_into(out, z, logits, a, b, c, eps, cap, shape);
-  return out;
-}
-
-void flow_map_step_inplace_cuda(at::Tensor& z, const at::Tensor& logits, const at::Tensor& a,
-                                       const at::Tensor& b, const at::Tensor& c,
-                                       const std::optional<at::Tensor>& eps, double cap) {
-  const RowShape shape =
-      check_step_inputs("flm_rt::flow_map_step_", z, logits, a, b, c, eps, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(z.device());
-  if (z.is_contiguous()) {
-    step_into(z, z, logits, a, b, c, eps, cap, shape);
-  } else {
-    at::Tensor tmp = at::empty(z.sizes(), z.options().memory_format(c10::MemoryFormat::Contiguous));
-    step_into(tmp, z, logits, a, b, c, eps, cap, shape);
-    z.copy_(tmp);
+  static void run(const at::Tensor& out, const StepOperands& in, double cap, const RowShape& shape) {
+    FLM_RT_DISPATCH_LOGITS_TYPES(in.logits.scalar_type(), "flm_rt::flow_map_step",
+                                 [&] { run_step<scalar_t>(out, in, cap, shape); });
   }
-}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flm_rt, CUDA, m) {
-  m.impl("flow_map_step", &flow_map_step_cuda);
-  m.impl("flow_map_step_", &flow_map_step_inplace_cuda);
+  m.impl("flow_map_step", &FlowMapStepOp<CudaStep>::functional);
+  m.impl("flow_map_step_", &FlowMapStepOp<CudaStep>::inplace);
 }
 
 }  // namespace flm_rt::cuda

@@ -1,6 +1,7 @@
 // Device helpers shared by the flm_rt CUDA kernels.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
@@ -10,6 +11,18 @@
 namespace flm_rt::cuda {
 
 constexpr float kInf = __builtin_huge_valf();
+
+// Threads per block when one warp handles one row (small V): kWarpModeBlock / 32 rows per block.
+constexpr int kWarpModeBlock = 256;
+// Upper bound of a launch's grid; the kernels walk the rows with a grid-stride loop.
+constexpr int64_t kMaxGrid = int64_t{1} << 20;
+
+// Runs the lambda (which uses scalar_t) for the logits dtypes the operators accept: float, BFloat16, Half.
+#define FLM_RT_DISPATCH_LOGITS_TYPES(TYPE, NAME, ...)                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                            \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__))
 
 // Elements per 16-byte load.
 template <typename T>

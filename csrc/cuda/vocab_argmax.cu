@@ -6,21 +6,17 @@
 // or the first NaN), then the per-thread candidates are combined with a total order (am_better), so the
 // result is exact and independent of the reduction tree. One read of x (16-byte vector loads, scalar
 // head/tail), no atomics, no host synchronisation.
-#include "../build_info.h"
-#include "../common.h"
+#include "../op_wrappers.h"
 #include "kernel_utils.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
-#include <string>
-#include <tuple>
 
 namespace flm_rt::cuda {
 namespace {
@@ -33,8 +29,6 @@ struct ArgmaxArgs {
   int64_t rows, V;
   bool aligned;
 };
-
-constexpr int kWarpModeBlock = 256;
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) argmax_kernel(const ArgmaxArgs<T> p) {
@@ -102,8 +96,6 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) argmax_kernel(
   }
 }
 
-constexpr int64_t kMaxGrid = int64_t{1} << 20;
-
 template <typename T>
 void run_argmax(const at::Tensor& xc, const at::Tensor& idx, const at::Tensor& val, const RowShape& shape) {
   ArgmaxArgs<T> args{};
@@ -123,32 +115,18 @@ void run_argmax(const at::Tensor& xc, const at::Tensor& idx, const at::Tensor& v
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> vocab_argmax_cuda(const at::Tensor& x) {
-  const RowShape shape = check_argmax_input("flm_rt::vocab_argmax", x, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto out_sizes = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor idx = at::empty(out_sizes, x.options().dtype(c10::ScalarType::Long));
-  at::Tensor val = at::empty(out_sizes, x.options());
-  if (shape.rows == 0) return {idx, val};
-  const at::Tensor xc = x.contiguous();
-  switch (xc.scalar_type()) {
-    case c10::ScalarType::Float: run_argmax<float>(xc, idx, val, shape); break;
-    case c10::ScalarType::BFloat16: run_argmax<c10::BFloat16>(xc, idx, val, shape); break;
-    case c10::ScalarType::Half: run_argmax<c10::Half>(xc, idx, val, shape); break;
-    default: TORCH_CHECK(false, "flm_rt::vocab_argmax: unsupported dtype ", xc.scalar_type());
+struct CudaArgmax {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+  using Guard = c10::cuda::CUDAGuard;
+
+  static void run(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& val, const RowShape& shape) {
+    FLM_RT_DISPATCH_LOGITS_TYPES(x.scalar_type(), "flm_rt::vocab_argmax",
+                                 [&] { run_argmax<scalar_t>(x, idx, val, shape); });
   }
-  return {idx, val};
-}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flm_rt, CUDA, m) { m.impl("vocab_argmax", &vocab_argmax_cuda); }
+TORCH_LIBRARY_IMPL(flm_rt, CUDA, m) { m.impl("vocab_argmax", &VocabArgmaxOp<CudaArgmax>::call); }
 
 }  // namespace flm_rt::cuda
-
-namespace flm_rt {
-std::string cuda_build_description() {
-  return "nvcc " + std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__) + "." +
-         std::to_string(__CUDACC_VER_BUILD__) + ", CUDA runtime headers " + std::to_string(CUDART_VERSION);
-}
-}  // namespace flm_rt
