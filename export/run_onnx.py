@@ -37,7 +37,7 @@ def choose_provider(ort, requested: str) -> str:
         return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
     if PROVIDERS[requested] not in available:
         fail(f"--provider {requested}: this onnxruntime ({ort.__version__}) has no {PROVIDERS[requested]} "
-             f"(available: {', '.join(available)}); install onnxruntime-gpu with a matching CUDA, or use --provider cpu")
+             f"(available: {', '.join(available)}); install onnxruntime-gpu (matching CUDA) or use --provider cpu")
     return PROVIDERS[requested]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 
@@ -114,8 +115,6 @@ ONNX_FP16_KEEP_FP32_OPS = ("Softmax", "LayerNormalization", "ReduceMean", "ArgMa
 def convert_onnx_float16(out_file, external: bool) -> dict:
     """Rewrite the float32 graph ``out_file`` with float16 weights and compute (onnxconverter-common), keeping its
     inputs and outputs as they are (``keep_io_types``) and the ops of :data:`ONNX_FP16_KEEP_FP32_OPS` in float32."""
-    import os
-
     import onnx
     try:
         from onnxconverter_common import float16

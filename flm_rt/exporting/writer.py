@@ -148,9 +148,9 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
     dt = _resolve_dtype(dtype, model)
     if format == "onnx" and dt == torch.bfloat16:
         raise ExportError("ONNX export does not write bfloat16 graphs: ONNX Runtime has no bfloat16 kernels for most "
-                          "ops (MatMul, LayerNormalization, Softmax, ... on the CPU provider), so the graph would not "
-                          "run. Use dtype='float16' (a converted float16 graph), or format='aoti'/'torchscript' for "
-                          "bfloat16")
+                          "ops (MatMul, Add, Tanh, Softmax, ... are NOT_IMPLEMENTED on the CPU provider), so the "
+                          "graph would not run. Use dtype='float16' (a converted float16 graph), or "
+                          "format='aoti'/'torchscript' for bfloat16")
     if format == "onnx" and dt not in (torch.float32, torch.float16):
         raise ExportError(f"ONNX export supports float32 and float16, got {dt}")
     onnx_fp16 = format == "onnx" and dt == torch.float16  # exported in float32, then converted
