@@ -559,7 +559,7 @@ def _no_leftovers(directory: Path, name: str):
     (dict(batch=0), "batch"),
     (dict(seq_len=33), "seq_len"),
     (dict(opset=17), "opset"),
-    (dict(dtype="bfloat16"), "float32 only"),
+    (dict(dtype="bfloat16"), "no bfloat16 kernels"),
     (dict(dtype="int8"), "dtype"),
     (dict(what="denoiser", self_noise=True), "self_noise"),
 ])

@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (>= {MIN_OPSET})")
     p.add_argument("--self-noise", action="store_true", help="draw the noise inside the graph")
     p.add_argument("--onnx-attention", choices=["decomposed", "attention"], default=None)
-    cli_args.add_device(p, default="cpu", dtype_help="float32 (default) | bfloat16 | float16 (not ONNX)")
+    cli_args.add_device(p, default="cpu", dtype_help="float32 (default) | float16 | bfloat16 (not ONNX)")
     cli_args.add_reading(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a bar over the export stages (default: on in a terminal)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 
@@ -102,6 +103,41 @@ def write_onnx(module, example, input_names, output_names, dynamic_shapes, out_f
     opset_used = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
     data_files = sorted({e.value for init in m.graph.initializer for e in init.external_data if e.key == "location"})
     return {"opset": opset_used, "onnx_ops": ops_used, "external_data": data_files}
+
+
+# Kept in float32 inside a float16 graph: the reductions whose fp16 form loses the distribution (Softmax,
+# LayerNormalization's statistics), the ops that pick tokens (ArgMax, TopK), which must see the fp32 logits, and
+# the self-noise draws (the converter would retype ConstantOfShape but not RandomNormalLike's dtype attribute).
+ONNX_FP16_KEEP_FP32_OPS = ("Softmax", "LayerNormalization", "ReduceMean", "ArgMax", "TopK", "CumSum",
+                           "ConstantOfShape", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike")
+
+
+def convert_onnx_float16(out_file, external: bool) -> dict:
+    """Rewrite the float32 graph ``out_file`` with float16 weights and compute (onnxconverter-common), keeping its
+    inputs and outputs as they are (``keep_io_types``) and the ops of :data:`ONNX_FP16_KEEP_FP32_OPS` in float32."""
+    import onnx
+    try:
+        from onnxconverter_common import float16
+    except ImportError as e:
+        raise ExportError(f"a float16 ONNX graph needs onnxconverter-common: pip install 'flm_rt[export]' ({e})")
+    model = onnx.load(out_file, load_external_data=True)
+    block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(ONNX_FP16_KEEP_FP32_OPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "values were truncated to fp16 range": the soft-capped weights are small
+        model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                                 disable_shape_infer=external)
+    base = os.path.basename(out_file)
+    onnx.save_model(model, out_file, save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=base + ".data" if external else None)
+    onnx.checker.check_model(out_file, full_check=False)
+    m = onnx.load(out_file, load_external_data=False)
+    inits = [i for i in m.graph.initializer]
+    n_fp16 = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in inits)
+    data = sorted({e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"})
+    return {"onnx_ops": sorted({n.op_type for n in m.graph.node}), "external_data": data,
+            "fp16_converter": "onnxconverter-common float16.convert_float_to_float16(keep_io_types=True)",
+            "fp32_ops": list(ONNX_FP16_KEEP_FP32_OPS), "float16_initializers": n_fp16,
+            "initializers": len(inits)}
 
 
 def write_torchscript(module, example, out_file, what) -> dict:

@@ -21,7 +21,7 @@ from ..outputs import check_destination
 from ..samplers import SamplerSettingsError, check_settings, draws_needed, make_plan
 from ..spec import LOGIT_SOFTCAP
 from ..tokenizer import fitting_kind
-from .formats import onnx_softcap_attention, write_aoti, write_onnx, write_torchscript
+from .formats import convert_onnx_float16, onnx_softcap_attention, write_aoti, write_onnx, write_torchscript
 from .graphs import DenoiserGraph, GenerateGraph
 
 FORMATS = ("onnx", "torchscript", "aoti")
@@ -127,7 +127,8 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
     what: "generate" (noise [S, B, L, V] -> ids [B, L]; steps/stochasticity baked in) or "denoiser"
     (x [B, L, V], t [B][, t_prime [B]] -> soft-capped logits [B, L, V]).
     batch: fix the batch size (default: dynamic). seq_len: L (default: the trained length).
-    dtype: compute dtype (default: the model's); float32 reproduces generate() exactly.
+    dtype: compute dtype (default: the model's); float32 reproduces generate() exactly. ONNX: float32, or float16
+    (the float32 graph converted by onnxconverter-common, float32 noise in, int64 ids out); bfloat16 is refused.
     self_noise: generate graph draws its own Gaussian noise; input ``batch_like int64 [B]``.
     onnx_attention: "decomposed" (default) or "attention" (the opset-23 Attention op with softcap).
     progress: a tqdm bar over the stages (prepare, export, write); the export stage is the long one (10-60 s).
@@ -145,9 +146,14 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
         raise ExportError("onnx_attention applies to format='onnx' only")
     stochasticity = float(stochasticity)
     dt = _resolve_dtype(dtype, model)
-    if format == "onnx" and dt != torch.float32:
-        raise ExportError(f"ONNX export supports float32 only (got {dt}); mixed-precision autocast regions do not "
-                          "map onto standard ONNX ops. Use format='aoti' or 'torchscript' for bf16/fp16")
+    if format == "onnx" and dt == torch.bfloat16:
+        raise ExportError("ONNX export does not write bfloat16 graphs: ONNX Runtime has no bfloat16 kernels for most "
+                          "ops (MatMul, Add, Tanh, Softmax, ... are NOT_IMPLEMENTED on the CPU provider), so the "
+                          "graph would not run. Use dtype='float16' (a converted float16 graph), or "
+                          "format='aoti'/'torchscript' for bfloat16")
+    if format == "onnx" and dt not in (torch.float32, torch.float16):
+        raise ExportError(f"ONNX export supports float32 and float16, got {dt}")
+    onnx_fp16 = format == "onnx" and dt == torch.float16  # exported in float32, then converted
     if use_attention:
         opset = max(opset or 23, 23)
     path = _check_output_path(path, overwrite)
@@ -160,7 +166,7 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
     stages = tqdm(total=3, desc="export: prepare", unit="stage", disable=not progress, leave=False)
     device = torch.device("cpu") if format == "onnx" else model.device
     net = copy.deepcopy(model.denoiser).to(device).eval().requires_grad_(False)
-    net.set_compute_dtype(dt)
+    net.set_compute_dtype(torch.float32 if onnx_fp16 else dt)
     if use_attention:
         net.set_attention(onnx_softcap_attention())
     V = cfg.vocab_size
@@ -214,6 +220,8 @@ def export(model, path, *, format: str = "onnx", what: str = "generate", steps: 
                 if format == "onnx":
                     info = write_onnx(module, example, input_names, output_names, dyn, tmp_file, opset,
                                         use_attention, cfg.head_dim, _param_bytes(module))
+                    if onnx_fp16:
+                        info.update(convert_onnx_float16(tmp_file, bool(info["external_data"])))
                 elif format == "torchscript":
                     info = write_torchscript(module, example, tmp_file, what)
                 else:
