@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .errors import GenerationError
-from .noise import sample_seed, seeded_draw
+from .noise import draw_layout, sample_seed, seeded_draw
 from .samplers import make_plan, run_plan
 
 MAX_GRAPHS_PER_MODEL = 8
@@ -50,15 +50,7 @@ class GraphedGeneration:
         self.device = dev
         plan = make_plan(two_time=cfg.two_time, steps=key.steps, stochasticity=key.stochasticity,
                          vocab_size=cfg.vocab_size)
-        embedded = key.space == "embedding"
-        shape = (key.batch, key.length, cfg.hidden_size if embedded else cfg.vocab_size)
-        finish = None
-        if embedded:
-            factor = model.embedded_noise_factor()  # computed (on the CPU) before the capture
-
-            def finish(u: torch.Tensor) -> torch.Tensor:
-                return u @ factor.T
-
+        shape, finish = draw_layout(model, key.batch, key.length, key.space)
         self.gens = [torch.Generator(device=dev) for _ in range(key.batch)]
         draw = seeded_draw(self.gens, shape, dev, finish)
         self.graph = torch.cuda.CUDAGraph()

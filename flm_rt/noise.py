@@ -50,6 +50,20 @@ def seeded_draw(gens: list, shape: tuple, device: torch.device,
     return draw
 
 
+def draw_layout(model, batch: int, length: int, space: str) -> tuple[tuple, Optional[Callable]]:
+    """(shape, finish) of one generated draw: [B, L, V] used as drawn in vocabulary space; [B, L, D] mapped by
+    u -> u @ C^T (C C^T = E^T E, so the result is distributed as eps @ E) in embedding space."""
+    cfg = model.config
+    if space != "embedding":
+        return (batch, length, cfg.vocab_size), None
+    factor = model.embedded_noise_factor()  # computed once per model, on the CPU (before any CUDA-graph capture)
+
+    def finish(u: torch.Tensor) -> torch.Tensor:
+        return u @ factor.T
+
+    return (batch, length, cfg.hidden_size), finish
+
+
 def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
         bound = f" and <= {hi}" if hi is not None else ""
@@ -113,13 +127,7 @@ def draws_for(model, need: int, *, noise: Optional[torch.Tensor] = None, seed: O
     check_int("seq_len", length, 1, cfg.length)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise GenerationError(f"seed must be an int in [0, 2^64), got {brief(seed)}")
-    shape = (num_samples, length, cfg.hidden_size if embedded else cfg.vocab_size)
-    finish = None
-    if embedded:
-        factor = model.embedded_noise_factor()
-
-        def finish(u: torch.Tensor) -> torch.Tensor:
-            return u @ factor.T
+    shape, finish = draw_layout(model, num_samples, length, space)
     if generator is not None and not per_sample:
         if not isinstance(generator, torch.Generator):
             raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")

@@ -45,7 +45,12 @@ class SamplerStep:
 
 
 class SamplerSettingsError(GenerationError):
-    """Invalid steps or stochasticity (raised by :func:`check_settings`, for every entry point)."""
+    """Invalid steps or stochasticity (raised by :func:`check_settings`, for every entry point); ``param`` names
+    which."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 def check_settings(*, two_time: bool, steps, stochasticity) -> tuple[int, float]:
@@ -53,12 +58,13 @@ def check_settings(*, two_time: bool, steps, stochasticity) -> tuple[int, float]
     a number in [0, 1] and 0 for one-time (FLM) models. The one place these rules live: generate, export, the
     CUDA graphs and the server all plan through :func:`make_plan` or call this first."""
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise SamplerSettingsError(f"steps must be an int >= 1 and <= {MAX_STEPS}, got {brief(steps)}")
+        raise SamplerSettingsError("steps", f"steps must be an int >= 1 and <= {MAX_STEPS}, got {brief(steps)}")
     s = stochasticity
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:  # NaN fails too
-        raise SamplerSettingsError(f"stochasticity must be a number in [0, 1], got {brief(s)}")
+        raise SamplerSettingsError("stochasticity", f"stochasticity must be a number in [0, 1], got {brief(s)}")
     if not two_time and s != 0.0:
-        raise SamplerSettingsError("stochasticity applies to two-time (FMLM) models only; this is an FLM model")
+        raise SamplerSettingsError("stochasticity",
+                                   "stochasticity applies to two-time (FMLM) models only; this is an FLM model")
     return steps, float(s)
 
 

@@ -80,7 +80,7 @@ def _quiet_loggers(*names):
 def write_onnx(module, example, input_names, output_names, dynamic_shapes, out_file, opset, use_attention,
                  head_dim, param_bytes) -> dict:
     try:
-        import onnx
+        import onnx  # noqa: F401  (checked here, before the long export, for a clear error)
     except ImportError as e:
         raise ExportError(f"ONNX export needs onnx, onnxruntime and onnxscript: pip install 'flm_rt[export]' ({e})")
     table = None
@@ -97,12 +97,20 @@ def write_onnx(module, example, input_names, output_names, dynamic_shapes, out_f
     if prog is None:  # pragma: no cover
         raise ExportError("torch.onnx.export returned no program")
     prog.save(out_file, external_data=external)
+    m, info = _checked_contents(out_file)
+    info["opset"] = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    return info
+
+
+def _checked_contents(out_file):
+    """(the graph without its weights' data, {"onnx_ops", "external_data"}) of a written ONNX file, after the
+    checker has passed it."""
+    import onnx
+
     onnx.checker.check_model(out_file, full_check=False)
     m = onnx.load(out_file, load_external_data=False)
-    ops_used = sorted({n.op_type for n in m.graph.node})
-    opset_used = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
-    data_files = sorted({e.value for init in m.graph.initializer for e in init.external_data if e.key == "location"})
-    return {"opset": opset_used, "onnx_ops": ops_used, "external_data": data_files}
+    data = sorted({e.value for init in m.graph.initializer for e in init.external_data if e.key == "location"})
+    return m, {"onnx_ops": sorted({n.op_type for n in m.graph.node}), "external_data": data}
 
 
 # Kept in float32 inside a float16 graph: the reductions whose fp16 form loses the distribution (Softmax,
@@ -129,14 +137,11 @@ def convert_onnx_float16(out_file, external: bool) -> dict:
     base = os.path.basename(out_file)
     onnx.save_model(model, out_file, save_as_external_data=external, all_tensors_to_one_file=True,
                     location=base + ".data" if external else None)
-    onnx.checker.check_model(out_file, full_check=False)
-    m = onnx.load(out_file, load_external_data=False)
-    inits = [i for i in m.graph.initializer]
-    n_fp16 = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in inits)
-    data = sorted({e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"})
-    return {"onnx_ops": sorted({n.op_type for n in m.graph.node}), "external_data": data,
-            "fp16_converter": "onnxconverter-common float16.convert_float_to_float16(keep_io_types=True)",
-            "fp32_ops": list(ONNX_FP16_KEEP_FP32_OPS), "float16_initializers": n_fp16,
+    m, info = _checked_contents(out_file)
+    inits = m.graph.initializer
+    return {**info, "fp16_converter": "onnxconverter-common float16.convert_float_to_float16(keep_io_types=True)",
+            "fp32_ops": list(ONNX_FP16_KEEP_FP32_OPS),
+            "float16_initializers": sum(i.data_type == onnx.TensorProto.FLOAT16 for i in inits),
             "initializers": len(inits)}
 
 

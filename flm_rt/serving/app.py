@@ -132,7 +132,7 @@ def make_job(req: CompletionRequest, card: ModelCard, limits: Limits) -> Job:
     try:
         _, s = check_settings(two_time=card.two_time, steps=req.steps, stochasticity=s)
     except SamplerSettingsError as e:
-        raise ApiError(400, str(e), param="steps" if str(e).startswith("steps") else "stochasticity") from None
+        raise ApiError(400, str(e), param=e.param) from None
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
         raise ApiError(400, f"seed must be between 0 and {MAX_SEED}, got {req.seed}", param="seed")
     if req.logprobs:
