@@ -16,7 +16,7 @@ from .errors import CheckpointError, ConfigError, GenerationError, TokenizerErro
 from .limits import Limits, check_request_memory, generation_bytes
 from .model import Denoiser, ModelConfig
 from .noise import draws_for, sample_seed  # noqa: F401  (sample_seed: part of the public API)
-from .samplers import SPACES, check_settings, draws_needed, make_plan, run_plan
+from .samplers import SPACES, draws_needed, make_plan, run_plan
 from .spec import rotary_inv_freq
 
 
@@ -309,10 +309,10 @@ def generate(model: Union[Model, str, os.PathLike], *, num_samples: int = 1, ste
     if noise_space not in SPACES:
         raise GenerationError(f"noise_space must be 'vocab' or 'embedding', got {noise_space!r}")
     cfg, dev = model.config, model.device
-    steps, stochasticity = check_settings(
-        two_time=cfg.two_time, steps=steps,
-        stochasticity=cfg.default_stochasticity if stochasticity is None else stochasticity)
+    if stochasticity is None:
+        stochasticity = cfg.default_stochasticity
     plan = make_plan(two_time=cfg.two_time, steps=steps, stochasticity=stochasticity, vocab_size=cfg.vocab_size)
+    stochasticity = float(stochasticity)  # checked by the planner
     draws = draws_for(model, draws_needed(plan), noise=noise, seed=seed, generator=generator,
                       num_samples=num_samples, seq_len=seq_len, space=noise_space,
                       plan_name=f"{steps} step(s) at stochasticity {stochasticity}")
