@@ -263,6 +263,7 @@ CPU_SOURCES = [
     "csrc/cpu/flow_map_step.cpp",
     "csrc/cpu/vocab_argmax.cpp",
     "csrc/cpu/vocab_pass.cpp",
+    "csrc/cpu/softcap_softmax.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/build_info.cu", "csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu"]
 

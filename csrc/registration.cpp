@@ -54,6 +54,11 @@ TORCH_LIBRARY(flm_rt, m) {
   // float32 [V, De].
   m.def("vocab_pass_embed(Tensor y, Tensor weight, Tensor? bias, Tensor embed, float cap, int chunk, "
         "bool prepacked) -> Tensor");
+  // The blocks' attention probabilities: softmax(cap*tanh(scale*x), -1) computed in float32, stored in the dtype
+  // of x (float32 / bfloat16 / float16, [..., L]); cap <= 0: softmax(scale*x).
+  m.def("softcap_softmax(Tensor x, float scale, float cap) -> Tensor");
+  // Same, written into x (returns nothing, as flow_map_step_).
+  m.def("softcap_softmax_(Tensor(a!) x, float scale, float cap) -> ()");
 }
 
 namespace {
@@ -83,6 +88,22 @@ void flow_map_step_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& z, const
   z.unsafeGetTensorImpl()->bump_version();
 }
 
+// The same for softcap_softmax_.
+void softcap_softmax_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& x, double scale, double cap) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && x.requires_grad()),
+                              "flm_rt::softcap_softmax_: derivative is not implemented (the flm_rt ops are not ",
+                              "differentiable); call it under torch.no_grad() or on a tensor that does not require "
+                              "grad");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flm_rt::softcap_softmax_", "")
+                             .typed<void(at::Tensor&, double, double)>();
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, scale, cap);
+  }
+  x.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 
 // Not differentiable: a backward through the functional ops raises "derivative for flm_rt::... is not
@@ -93,6 +114,8 @@ TORCH_LIBRARY_IMPL(flm_rt, Autograd, m) {
   m.impl("vocab_argmax", torch::autograd::autogradNotImplementedFallback());
   m.impl("vocab_pass_argmax", torch::autograd::autogradNotImplementedFallback());
   m.impl("vocab_pass_embed", torch::autograd::autogradNotImplementedFallback());
+  m.impl("softcap_softmax", torch::autograd::autogradNotImplementedFallback());
+  m.impl("softcap_softmax_", TORCH_FN(softcap_softmax_inplace_autograd));
 }
 
 namespace flm_rt {

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import nvtx, prepack
+from . import nvtx, ops, prepack, tracing
 from .limits import brief
 from .spec import (ATTN_SOFTCAP, LAYER_NORM_EPS, LOGIT_SOFTCAP, ROTARY_BASE, TIME_FREQ_BASE, TIME_FREQ_DIM,
                    rotary_inv_freq)
@@ -152,15 +152,27 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     ``workspace``: an fp32 [B, H, L, L] buffer for the scores and probabilities (fp32 CPU inference only; see
     ``Denoiser._body``). Every step then runs in place in it, so no block allocates (and page-faults) a fresh
-    score matrix: at L = 1024 that halves the attention time again."""
+    score matrix: at L = 1024 that halves the attention time again. bf16/fp16 scores on the CPU are capped and
+    normalised by one pass of ``ops.softcap_softmax_`` (float32 math)."""
     scores = torch.matmul(q, k.transpose(-2, -1), out=workspace)
-    # Scale, tanh and cap in place on the one [B, H, L, L] buffer.
-    scores = scores.mul_(1.0 / (math.sqrt(q.shape[-1]) * ATTN_SOFTCAP)).tanh_().mul_(ATTN_SOFTCAP)
+    scale = 1.0 / (math.sqrt(q.shape[-1]) * ATTN_SOFTCAP)
+    if _cpu_lowp_inference(scores):
+        # bf16/fp16 on the CPU: one in-place pass in float32 (flm_rt.ops.softcap_softmax_) instead of the capping
+        # in 8-bit arithmetic and the fp32 round trip around the softmax.
+        return torch.matmul(ops.softcap_softmax_(scores, scale, ATTN_SOFTCAP), v)
+    # Scale, tanh and cap in place (in fp32, ATen's own tanh and softmax are as fast as one fused pass).
+    scores = scores.mul_(scale).tanh_().mul_(ATTN_SOFTCAP)
     if workspace is None:
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     else:
         probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
     return torch.matmul(probs, v)
+
+
+def _cpu_lowp_inference(scores: torch.Tensor) -> bool:
+    """bf16/fp16 scores on the CPU outside autograd and graph capture, with the compiled op: the fused pass."""
+    return (scores.device.type == "cpu" and scores.dtype != torch.float32 and not scores.requires_grad
+            and not tracing.is_capturing() and ops.kernels_backend("cpu", scores.dtype, "softcap_softmax_") == "ext")
 
 
 # softcapped_attention's signature: (q, k, v, workspace or None) -> o; Denoiser.set_attention swaps it.

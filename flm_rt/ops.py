@@ -7,6 +7,10 @@
 * ``vocab_argmax(x)`` -- ``(indices int64, values)`` of the maximum over the last dimension, exactly
   ``torch.max(x, dim=-1)`` (ties -> lowest index; NaN is the maximum and the first NaN wins).
 
+* ``softcap_softmax(x, scale, cap)`` / ``softcap_softmax_`` -- the blocks' attention probabilities,
+  ``softmax(cap * tanh(scale * x), dim=-1)`` computed in float32 and stored in the dtype of x (in place for the
+  ``_`` variant): one pass over the [B, H, L, L] scores instead of four.
+
 * ``vocab_pass_argmax(y, weight, bias, cap)`` / ``vocab_pass_embed(y, weight, bias, embed, cap)`` -- the fused
   vocabulary pass: the output projection ``logits = y @ weight^T + bias`` followed by, respectively, the argmax of
   the (soft-capped) logits and ``softmax(cap*tanh(logits/cap)) @ embed``, computed over vocabulary chunks so that
@@ -48,10 +52,13 @@ __all__ = [
     "vocab_argmax",
     "vocab_pass_argmax",
     "vocab_pass_embed",
+    "softcap_softmax",
+    "softcap_softmax_",
     "flow_map_step_reference",
     "vocab_argmax_reference",
     "vocab_pass_argmax_reference",
     "vocab_pass_embed_reference",
+    "softcap_softmax_reference",
     "vocab_chunk",
     "kernels_backend",
     "ext_available",
@@ -136,6 +143,15 @@ def vocab_pass_embed_reference(y: torch.Tensor, weight: torch.Tensor, bias: Opti
     return torch.softmax(x, dim=-1) @ embed.to(torch.float32)
 
 
+def softcap_softmax_reference(x: torch.Tensor, scale: float, cap: float) -> torch.Tensor:
+    """``softmax(cap * tanh(scale * x), dim=-1)`` in float32 (cap <= 0: ``softmax(scale * x)``), returned in the
+    dtype of x: multiply by scale, tanh, multiply by cap, softmax, in that order."""
+    y = x.to(torch.float32) * float(scale)
+    if float(cap) > 0:
+        y = y.tanh_().mul_(float(cap))
+    return torch.softmax(y, dim=-1).to(x.dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake (meta) implementations, for torch.compile / torch.export / opcheck
 # --------------------------------------------------------------------------------------------------
@@ -179,6 +195,24 @@ if _ext.EXT_LOADED:
                                               f"vocabulary (last) dimension, got shape {tuple(x.shape)}")
         shape = x.shape[:-1]
         return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape)
+
+
+if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "softcap_softmax"):
+
+    def _fake_check_softmax(op: str, x) -> None:
+        torch._check(x.dtype in STEP_LOGITS_DTYPES,
+                     lambda: f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+        torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension [..., L]")
+
+    @torch.library.register_fake("flm_rt::softcap_softmax")
+    def _softcap_softmax_fake(x, scale, cap):
+        _fake_check_softmax("flm_rt::softcap_softmax", x)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    @torch.library.register_fake("flm_rt::softcap_softmax_")
+    def _softcap_softmax_inplace_fake(x, scale, cap):
+        _fake_check_softmax("flm_rt::softcap_softmax_", x)
+        return None
 
 
 if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "vocab_pass_argmax"):  # (an older flm_rt._C lacks the pass)
@@ -228,7 +262,7 @@ def _requested_backend(backend: Optional[str]) -> str:
 
 def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: str = "flow_map_step",
                     backend: Optional[str] = None) -> str:
-    """Which implementation ``op`` ("flow_map_step" or "vocab_argmax") would use for inputs on ``device``
+    """Which implementation ``op`` (a name in flm_rt._ext.OPS) would use for inputs on ``device``
     with (logits / x) ``dtype``: "ext" or "torch". ``backend`` as in the ops (None: FLM_RT_KERNELS).
 
     Raises RuntimeError when ``ext`` is requested but not possible.
@@ -360,3 +394,19 @@ def vocab_pass_embed(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     rows = y.numel() // max(y.shape[-1], 1)
     return torch.ops.flm_rt.vocab_pass_embed(y, weight, bias, embed, float(cap), vocab_chunk(chunk, rows),
                                              _pass_prepacked(y.dtype))
+
+
+def softcap_softmax(x: torch.Tensor, scale: float, cap: float, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``softmax(cap * tanh(scale * x), dim=-1)`` as a new tensor of x's dtype, computed in float32 (see
+    ``softcap_softmax_reference``); x: float32/bfloat16/float16 [..., L]."""
+    if kernels_backend(x.device, x.dtype, "softcap_softmax", backend) == "torch":
+        return softcap_softmax_reference(x, scale, cap)
+    return torch.ops.flm_rt.softcap_softmax(x, float(scale), float(cap))
+
+
+def softcap_softmax_(x: torch.Tensor, scale: float, cap: float, *, backend: Optional[str] = None) -> torch.Tensor:
+    """In-place ``softcap_softmax``: writes the probabilities into x and returns x."""
+    if kernels_backend(x.device, x.dtype, "softcap_softmax_", backend) == "torch":
+        return x.copy_(softcap_softmax_reference(x, scale, cap))
+    torch.ops.flm_rt.softcap_softmax_(x, float(scale), float(cap))
+    return x

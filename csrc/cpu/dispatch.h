@@ -14,6 +14,7 @@ struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2" or "AVX512"
   void (*step_rows)(const StepParams&, int64_t, int64_t, float*);
   void (*argmax_rows)(const ArgmaxParams&, int64_t, int64_t);
+  void (*softcap_softmax_rows)(const SoftmaxParams&, int64_t, int64_t, float*);
   const char* (*describe)();
 };
 

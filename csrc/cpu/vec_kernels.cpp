@@ -265,6 +265,117 @@ void argmax_rows_t(const ArgmaxParams& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) argmax_row<T>(x + r * p.V, p.V, p.indices + r, vals + r);
 }
 
+// ---------------------------------------------------------------------------------------------
+// softcap_softmax: out[r, :] = softmax(cap * tanh(scale * x[r, :]))   (attention probabilities)
+// In float32 whatever the storage dtype, and in the reference's order of operations (multiply by scale,
+// tanh, multiply by cap, then softmax: max, exp(y - max), sum, multiply by 1 / sum). Pass 1 stages y in
+// `scratch` (L floats, in L1/L2) with its max, pass 2 turns it into exp(y - max) with the sum, pass 3
+// writes the normalised row. A NaN anywhere in the row makes the whole row NaN, as torch.softmax.
+// float32 storage: SLEEF's 1-ULP tanh and exp. bf16/fp16 storage, whose 8/11-bit results hide anything
+// below ~1e-5 relative: the faster exp_u20 (ATen's own fast exp, ~20 ULP = 1.2e-6 relative) for both the
+// softmax and tanh, tanh(|y|) = (1 - t) / (1 + t) with t = exp(-2|y|) (>= 2e-6 relative for |y| >= 1/4)
+// and its Taylor series below 1/4 (truncation < 1e-10), where 1 - t would cancel.
+// ---------------------------------------------------------------------------------------------
+inline Vec fast_tanh(const Vec& y) {
+  const Vec a = y.abs();
+  const Vec t = (a * Vec(-2.0f)).exp_u20();
+  const Vec big = (Vec(1.0f) - t) / (Vec(1.0f) + t);
+  const Vec y2 = y * y;
+  // y (1 - y^2/3 + 2y^4/15 - 17y^6/315 + 62y^8/2835 - 1382y^10/155925)
+  Vec p = at::vec::fmadd(y2, Vec(-1382.0f / 155925.0f), Vec(62.0f / 2835.0f));
+  p = at::vec::fmadd(p, y2, Vec(-17.0f / 315.0f));
+  p = at::vec::fmadd(p, y2, Vec(2.0f / 15.0f));
+  p = at::vec::fmadd(p, y2, Vec(-1.0f / 3.0f));
+  const Vec small = at::vec::fmadd(p * y2, y, y);
+  // copysign(big, y) for |y| >= 1/4 (NaN stays NaN: both branches are NaN)
+  const Vec signed_big = Vec::blendv(big, Vec(0.0f) - big, y < Vec(0.0f));
+  return Vec::blendv(signed_big, small, a < Vec(0.25f));
+}
+
+template <bool kFast>
+inline Vec exp_of(const Vec& v) {
+  if constexpr (kFast) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t L, float mul) {
+  const Vec vm(mul);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kW <= L; j += kW) (Vec::loadu(src + j) * vm).store(dst + j);
+    if (j < L) (Vec::loadu(src + j, L - j) * vm).store(dst + j, L - j);
+  } else {
+    for (; j + 2 * kW <= L; j += 2 * kW) {
+      const Vec a = Vec::loadu(src + j) * vm;
+      const Vec b = Vec::loadu(src + j + kW) * vm;
+      at::vec::convert_from_float<T>(a, b).store(dst + j);
+    }
+    for (; j < L; ++j) dst[j] = static_cast<T>(src[j] * mul);
+  }
+}
+
+template <typename T>
+void softcap_softmax_row(const T* x, T* out, int64_t L, float scale, float cap, float* buf) {
+  constexpr bool kFast = !std::is_same_v<T, float>;
+  const auto tanh_of = [](const Vec& v) { return kFast ? fast_tanh(v) : v.tanh(); };
+  const Vec vscale(scale), vcap(cap), ninf(-kInf);
+  const bool capped = cap > 0;
+  Vec mx(-kInf);
+  int64_t j = 0;
+  for (; j + kW <= L; j += kW) {
+    Vec y = load_full(x + j) * vscale;
+    if (capped) y = tanh_of(y) * vcap;
+    y.store(buf + j);
+    mx = at::vec::maximum(mx, y);
+  }
+  if (j < L) {
+    const int64_t n = L - j;
+    Vec y = load_part(x + j, n) * vscale;
+    if (capped) y = tanh_of(y) * vcap;
+    y.store(buf + j, n);
+    mx = at::vec::maximum(mx, Vec::set(ninf, y, n));
+  }
+  const float mf = reduce_max(mx);
+  const Vec m(mf);
+  Vec sum(0.0f);
+  // exp_u20 is only valid for finite arguments; a NaN or infinite max (no cap) takes SLEEF's exp, whose
+  // NaN(inf - inf) makes the row NaN as in torch.softmax.
+  const auto exp_pass = [&](auto fast) {
+    j = 0;
+    for (; j + kW <= L; j += kW) {
+      const Vec e = exp_of<decltype(fast)::value>(Vec::loadu(buf + j) - m);
+      e.store(buf + j);
+      sum = sum + e;
+    }
+    if (j < L) {
+      const int64_t n = L - j;
+      const Vec e = exp_of<decltype(fast)::value>(Vec::loadu(buf + j, n) - m);
+      e.store(buf + j, n);
+      sum = sum + Vec::set(Vec(0.0f), e, n);
+    }
+  };
+  if (kFast && std::isfinite(mf)) {
+    exp_pass(std::true_type{});
+  } else {
+    exp_pass(std::false_type{});
+  }
+  alignas(64) float lanes[kW];
+  sum.store(lanes);
+  float total = 0.0f;
+  for (int64_t i = 0; i < kW; ++i) total += lanes[i];
+  store_row<T>(out, buf, L, 1.0f / total);
+}
+
+template <typename T>
+void softcap_softmax_rows_t(const SoftmaxParams& p, int64_t r0, int64_t r1, float* scratch) {
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t r = r0; r < r1; ++r) softcap_softmax_row<T>(x + r * p.L, out + r * p.L, p.L, p.scale, p.cap, scratch);
+}
+
 }  // namespace
 
 void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -280,6 +391,14 @@ void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end) {
     case FloatKind::F32: argmax_rows_t<float>(p, row_begin, row_end); break;
     case FloatKind::BF16: argmax_rows_t<c10::BFloat16>(p, row_begin, row_end); break;
     case FloatKind::F16: argmax_rows_t<c10::Half>(p, row_begin, row_end); break;
+  }
+}
+
+void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
+  switch (p.kind) {
+    case FloatKind::F32: softcap_softmax_rows_t<float>(p, row_begin, row_end, scratch); break;
+    case FloatKind::BF16: softcap_softmax_rows_t<c10::BFloat16>(p, row_begin, row_end, scratch); break;
+    case FloatKind::F16: softcap_softmax_rows_t<c10::Half>(p, row_begin, row_end, scratch); break;
   }
 }
 

@@ -34,11 +34,22 @@ struct ArgmaxParams {
   void* values;            // [rows], same dtype as x
 };
 
+struct SoftmaxParams {
+  const void* x;           // [rows, L], FloatKind kind
+  void* out;               // [rows, L], same dtype; may alias x (in-place variant)
+  FloatKind kind;
+  int64_t L;
+  float scale;             // y = cap * tanh(scale * x)   (cap <= 0: y = scale * x)
+  float cap;
+};
+
 #define FLM_RT_DECLARE_CPU_KERNELS(CAP)                                                              \
   namespace CAP {                                                                                    \
   /* scratch: at least V floats, private to the calling thread */                                    \
   void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch);           \
   void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end);                       \
+  /* scratch: at least L floats, private to the calling thread */                                    \
+  void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row_end, float* scratch); \
   /* "AVX512 (-mavx512f ...), Vectorized<float> width 16" */                                         \
   const char* describe();                                                                            \
   }
