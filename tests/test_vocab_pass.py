@@ -265,3 +265,20 @@ def test_peak_memory_does_not_hold_the_logits(monkeypatch):
     on = measure(shape, steps=1, space="embedding", fused=True, threads=1)
     assert off["logits_mb"] == pytest.approx(29.3, abs=0.1)
     assert on["growth_mb"] < off["growth_mb"] - 20, (on, off)
+
+
+@needs_pass
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_low_precision_cap_is_bitwise_atens(dtype, prepacked):
+    """The pass caps bf16/fp16 logits in one vectorised pass that must give exactly the bits of ATen's
+    x.div_(cap).tanh_().mul_(cap) in that dtype (the reference's rounding, on which its ties depend). Row r is
+    [v_r, very negative] against the identity, so the pass's value is cap(v_r) itself: 500k values checked."""
+    g = torch.Generator().manual_seed(11)
+    v = torch.cat([torch.randn(100_000, generator=g) * s for s in (0.01, 1.0, 10.0, 40.0, 300.0)]).to(dtype)
+    low = -1e4 if dtype == torch.float16 else -1e30
+    y = torch.stack([v, torch.full_like(v, low)], dim=1)
+    idx, val = kernel_argmax(y, torch.eye(2, dtype=dtype), None, 30.0, 2, prepacked)
+    want = v.clone().div_(30.0).tanh_().mul_(30.0)
+    assert bool((idx == 0).all())
+    assert torch.equal(val, want), int((val != want).sum())

@@ -376,6 +376,49 @@ void softcap_softmax_rows_t(const SoftmaxParams& p, int64_t r0, int64_t r1, floa
   for (int64_t r = r0; r < r1; ++r) softcap_softmax_row<T>(x + r * p.L, out + r * p.L, p.L, p.scale, p.cap, scratch);
 }
 
+// ---------------------------------------------------------------------------------------------
+// soft_cap: x <- cap * tanh(x / cap) in place, bit for bit what the three ATen ops x.div_(cap).tanh_().mul_(cap)
+// give in x's dtype: each op computed in float32 (true division; SLEEF's 1-ULP tanh, which ATen's vectorised
+// tanh uses too) and rounded to the storage dtype (round to nearest even) before the next. One pass instead of
+// three, so the low-precision logits' ties resolve exactly as in the reference (tests/test_vocab_pass.py).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline Vec round_to(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  }
+}
+
+template <typename T>
+inline Vec soft_cap_rounded(const Vec& x, const Vec& vcap) {
+  const Vec a = round_to<T>(x / vcap);
+  const Vec b = round_to<T>(a.tanh());
+  return round_to<T>(b * vcap);
+}
+
+template <typename T>
+void soft_cap_range_t(const CapParams& p, int64_t begin, int64_t end) {
+  T* x = static_cast<T*>(p.x);
+  const Vec vcap(p.cap);
+  int64_t j = begin;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kW <= end; j += kW) soft_cap_rounded<T>(Vec::loadu(x + j), vcap).store(x + j);
+    if (j < end) soft_cap_rounded<T>(Vec::loadu(x + j, end - j), vcap).store(x + j, end - j);
+  } else {
+    for (; j + 2 * kW <= end; j += 2 * kW) {
+      const auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x + j));
+      at::vec::convert_from_float<T>(soft_cap_rounded<T>(a, vcap), soft_cap_rounded<T>(b, vcap)).store(x + j);
+    }
+    if (j < end) {
+      const int64_t n = end - j;
+      const auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x + j, n));
+      at::vec::convert_from_float<T>(soft_cap_rounded<T>(a, vcap), soft_cap_rounded<T>(b, vcap)).store(x + j, n);
+    }
+  }
+}
+
 }  // namespace
 
 void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -399,6 +442,14 @@ void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row
     case FloatKind::F32: softcap_softmax_rows_t<float>(p, row_begin, row_end, scratch); break;
     case FloatKind::BF16: softcap_softmax_rows_t<c10::BFloat16>(p, row_begin, row_end, scratch); break;
     case FloatKind::F16: softcap_softmax_rows_t<c10::Half>(p, row_begin, row_end, scratch); break;
+  }
+}
+
+void soft_cap_range(const CapParams& p, int64_t begin, int64_t end) {
+  switch (p.kind) {
+    case FloatKind::F32: soft_cap_range_t<float>(p, begin, end); break;
+    case FloatKind::BF16: soft_cap_range_t<c10::BFloat16>(p, begin, end); break;
+    case FloatKind::F16: soft_cap_range_t<c10::Half>(p, begin, end); break;
   }
 }
 

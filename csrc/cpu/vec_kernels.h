@@ -43,6 +43,12 @@ struct SoftmaxParams {
   float cap;
 };
 
+struct CapParams {
+  void* x;                 // n contiguous elements, FloatKind kind, overwritten with cap * tanh(x / cap)
+  FloatKind kind;
+  float cap;               // > 0
+};
+
 #define FLM_RT_DECLARE_CPU_KERNELS(CAP)                                                              \
   namespace CAP {                                                                                    \
   /* scratch: at least V floats, private to the calling thread */                                    \
@@ -50,6 +56,8 @@ struct SoftmaxParams {
   void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end);                       \
   /* scratch: at least L floats, private to the calling thread */                                    \
   void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row_end, float* scratch); \
+  /* elements [begin, end) of p.x */                                                                \
+  void soft_cap_range(const CapParams& p, int64_t begin, int64_t end);                               \
   /* "AVX512 (-mavx512f ...), Vectorized<float> width 16" */                                         \
   const char* describe();                                                                            \
   }

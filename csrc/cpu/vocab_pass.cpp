@@ -185,6 +185,16 @@ struct ChunkedProjection {
   }
 };
 
+// lg.div_(cap).tanh_().mul_(cap) (lg contiguous): in one vectorised pass for bf16 / fp16 (the same bits: each op
+// rounded to the dtype, SLEEF's tanh as ATen's); float32 keeps ATen's ops (its fp32 tanh is MKL's, not SLEEF's).
+void soft_cap_(at::Tensor& lg, double cap) {
+  if (lg.scalar_type() == at::kFloat) {
+    lg.div_(cap).tanh_().mul_(cap);
+  } else {
+    cpu::soft_cap_(lg.data_ptr(), cpu::float_kind(lg.scalar_type()), lg.numel(), static_cast<float>(cap));
+  }
+}
+
 std::vector<int64_t> row_sizes(const at::Tensor& y) {
   auto s = y.sizes().vec();
   s.pop_back();
@@ -208,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> vocab_pass_argmax_cpu(const at::Tensor& y, co
   const at::Tensor cv_f = at::empty({s.rows}, y.options().dtype(at::kFloat));
   for (int64_t c = 0; c < proj.count(); ++c) {
     at::Tensor lg = proj.logits(c);
-    if (cap > 0) lg.div_(cap).tanh_().mul_(cap);  // same ops, same rounding as flm_rt.model.softcap_logits
+    if (cap > 0) soft_cap_(lg, cap);  // same ops, same rounding as flm_rt.model.softcap_logits
     cpu::ArgmaxParams p{};
     p.x = lg.const_data_ptr();
     p.kind = cpu::float_kind(lg.scalar_type());
