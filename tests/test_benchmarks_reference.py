@@ -101,11 +101,12 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
                              cases=[("tiny", "reference", 1, 1), ("tiny", "flm_rt", 1, 1),
                                     ("tiny", "flm_rt[torch-kernels]", 1, 1), ("tiny", "reference", 2, 1),
                                     ("tiny", "flm_rt", 2, 1), ("tiny", "flm_rt[bfloat16]", 2, 1),
-                                    ("tiny", "flm_rt[embedding-noise]", 2, 1), ("tiny", "nonexistent-row", 1, 1)])
+                                    ("tiny", "flm_rt[embedding-noise]", 2, 1),
+                                    ("tiny", "flm_rt[bfloat16+embedding-noise]", 2, 1), ("tiny", "nonexistent-row", 1, 1)])
     suite = Suite(settings)
     results = suite.run()
     ok = [r for r in results if r.status == "ok"]
-    assert len(ok) == 7
+    assert len(ok) == 8
     rates = suite.meta["matmul_rates"]
     assert set(rates) == {"float32", "bfloat16"} and all(r["best"] >= r["torch.mm"] > 0 for r in rates.values())
     by_row = {(r.row, r.steps): r for r in ok}
@@ -114,6 +115,9 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     assert 0.5 <= bf.extra["tokens_match_fp32"] <= 1.0
     emb = by_row[("flm_rt[embedding-noise]", 2)]
     assert emb.flops_per_sample < by_row[("flm_rt", 2)].flops_per_sample  # its own process's FLOPs
+    both = by_row[("flm_rt[bfloat16+embedding-noise]", 2)]  # bf16 against the fp32 embedding-space row (same draws)
+    assert both.rate_dtype == "bfloat16" and both.flops_per_sample == emb.flops_per_sample
+    assert 0.5 <= both.extra["tokens_match_fp32"] <= 1.0 and both.tokens_match_reference is None
     assert by_row[("flm_rt", 2)].frac_peak == pytest.approx(
         by_row[("flm_rt", 2)].achieved_tflops * 1e3 / rates["float32"]["best"])
     prof = suite.meta["gemm_profile"]
@@ -130,7 +134,7 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     for name in ("results.json", "results.md", "latency_vs_steps.png"):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["meta"]["peak_tflops"] == pytest.approx(rates["float32"]["best"] / 1e3) and len(data["results"]) == 8
+    assert data["meta"]["peak_tflops"] == pytest.approx(rates["float32"]["best"] / 1e3) and len(data["results"]) == 9
     assert "| tiny | flm_rt | 1 |" in written["markdown"]
     assert "Per-GEMM profile" in written["markdown"] and "prepacked oneDNN GFLOP/s" in written["markdown"]
     assert not (tmp_path / "throughput_vs_batch.png").exists()  # one batch size only

@@ -8,12 +8,13 @@ from typing import Optional, Sequence
 
 from .. import cli_args
 from ..model import PRESET_SHAPES
-from .suite import ALL_ROWS, AR_ROW, BF16_ROW, EMB_ROW, EXPORT_ROWS, MODEL_SHAPE
+from .suite import ALL_ROWS, AR_ROW, BF16_EMB_ROW, BF16_ROWS, EMB_ROW, EXPORT_ROWS, MODEL_SHAPE
 
 QUICK_HELP = ("a subset that finishes in under 10 minutes on a 2-core CPU: lm1b batch 1 at steps 1,2,4,8 (reference, "
-              "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], onnx when onnxruntime is "
-              "installed); owt batch 1 at 1 step (reference, flm_rt, flm_rt[embedding-noise]); the autoregressive "
-              "baseline generating 1024 tokens; 3 warm-ups and 5 timed runs per case (median, min-max, IQR)")
+              "flm_rt) and at 1 step (flm_rt[torch-kernels], flm_rt[embedding-noise], the bf16 rows, onnx when "
+              "onnxruntime is installed); owt batch 1 at 1 step (reference, flm_rt, flm_rt[embedding-noise], "
+              "flm_rt[bfloat16+embedding-noise]); the autoregressive baseline generating 1024 tokens; 3 warm-ups "
+              "and 5 timed runs per case (median, min-max, IQR)")
 
 
 def _ints(s: str) -> list:
@@ -97,12 +98,13 @@ def settings_from_args(args):
         for shape in shapes:
             for b in batch:
                 if shape == "owt":  # one step only: a 1024 x 50258 state
-                    cases += [(shape, r, min(steps), b) for r in ("reference", "flm_rt", EMB_ROW) if r in rows]
+                    owt_rows = ("reference", "flm_rt", EMB_ROW) + ((BF16_EMB_ROW,) if dtype == "float32" else ())
+                    cases += [(shape, r, min(steps), b) for r in owt_rows if r in rows]
                     if AR_ROW in rows:
                         cases.append((shape, AR_ROW, None, b))
                     continue
                 cases += [(shape, r, n, b) for n in steps for r in ("reference", "flm_rt") if r in rows]
-                extra = ("flm_rt[torch-kernels]", EMB_ROW) + ((BF16_ROW,) if dtype == "float32" else ())
+                extra = ("flm_rt[torch-kernels]", EMB_ROW) + (BF16_ROWS if dtype == "float32" else ())
                 cases += [(shape, r, min(steps), b) for r in extra if r in rows]
                 cases += [(shape, r, min(steps), b) for r in EXPORT_ROWS[:1] if r in rows]
         s.cases = cases
@@ -110,7 +112,7 @@ def settings_from_args(args):
         s.shapes = args.shapes or ["lm1b", "owt"]
         s.steps = args.steps or [1, 2, 4, 8]
         s.batches = args.batch or ([1, 8, 64] if gpu else [1, 8])
-        s.rows = args.rows or [r for r in ALL_ROWS if r != BF16_ROW or dtype == "float32"]
+        s.rows = args.rows or [r for r in ALL_ROWS if r not in BF16_ROWS or dtype == "float32"]
     if args.repeats is not None:
         s.repeats = max(1, args.repeats)
     if args.max_case_s is not None:

@@ -92,7 +92,7 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
                 note += f"ids = fp32 flm_rt: {100 * ex['tokens_match_fp32']:.1f}%"
             if r.get("rate_dtype") and meta and r["rate_dtype"] != meta.get("dtype"):
                 note += f"; efficiency vs the {r['rate_dtype']} rate"
-            if r["row"] == "flm_rt[embedding-noise]":
+            if r["row"] in ("flm_rt[embedding-noise]", "flm_rt[bfloat16+embedding-noise]"):
                 note += ("; " if note else "") + "FLOPs of the embedding-space process"
             note += f" ({len(r.get('times_s') or [])} runs)"
         note = note.replace("|", "/")
@@ -115,7 +115,8 @@ def speedups(results: Sequence) -> list:
     rows = [_row_dict(r) for r in results if _row_dict(r)["status"] == "ok"]
     by = {(r["shape"], r["row"], r.get("steps"), r["batch"]): r for r in rows}
     out = []
-    order = {"flm_rt": 0, "flm_rt[embedding-noise]": 1, "flm_rt[torch-kernels]": 2}
+    order = {"flm_rt": 0, "flm_rt[embedding-noise]": 1, "flm_rt[bfloat16]": 2, "flm_rt[bfloat16+embedding-noise]": 3,
+             "flm_rt[torch-kernels]": 4}
     keys = sorted(by, key=lambda k: (k[0], k[3], k[2] or 0, order.get(k[1], 3), k[1]))
     for shape, row, steps, b in keys:
         if row in ("reference", "autoregressive"):

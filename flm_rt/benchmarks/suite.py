@@ -29,9 +29,12 @@ from .timing import synchronize, time_calls
 FLM_ROWS = ("flm_rt", "flm_rt[torch-kernels]", "reference")
 EMB_ROW = "flm_rt[embedding-noise]"  # noise_space="embedding": draws in R^D, no [B, L, V] noise (other draws)
 BF16_ROW = "flm_rt[bfloat16]"  # the same weights rounded to bf16 (blocks and output layer), the fp32 row's draws
+BF16_EMB_ROW = "flm_rt[bfloat16+embedding-noise]"  # both: the fastest CPU mode where bf16 is native
 EXPORT_ROWS = ("onnx", "torchscript", "aoti")
 AR_ROW = "autoregressive"
-ALL_ROWS = FLM_ROWS + (EMB_ROW, BF16_ROW) + EXPORT_ROWS + (AR_ROW,)
+ALL_ROWS = FLM_ROWS + (EMB_ROW, BF16_ROW, BF16_EMB_ROW) + EXPORT_ROWS + (AR_ROW,)
+BF16_ROWS = (BF16_ROW, BF16_EMB_ROW)
+EMB_ROWS = (EMB_ROW, BF16_EMB_ROW)
 MODEL_SHAPE = "model"  # `flm-rt bench --model PATH`: the user's checkpoint instead of a random model
 OUTPUT_SCALE = 8.0  # random output projection scaled up: peaked distributions, as in a trained model
 
@@ -463,7 +466,7 @@ class Suite:
         try:
             if row == AR_ROW:
                 self._run_ar(res)
-            elif row in FLM_ROWS or row in EXPORT_ROWS or row in (EMB_ROW, BF16_ROW):
+            elif row in FLM_ROWS or row in EXPORT_ROWS or row in EMB_ROWS or row in BF16_ROWS:
                 self._run_flm(res)
             else:
                 raise ValueError(f"unknown row {row!r}; known: {', '.join(ALL_ROWS)}")
@@ -503,7 +506,7 @@ class Suite:
         from ..api import generate
         from .reference import draws_needed, reference_generate
 
-        bf16 = res.row == BF16_ROW
+        bf16 = res.row in BF16_ROWS
         if bf16:
             res.dtype = res.rate_dtype = "bfloat16"
         model = self.model(res.shape, torch.bfloat16 if bf16 else None)
@@ -533,7 +536,7 @@ class Suite:
                                                 batch=b, seq_len=L)
             res.extra["reference_precision"] = ("fp32" if autocast is None else
                                                 f"{self.dtype_name} autocast, fp32 weights, plain-PyTorch attention")
-        elif res.row in FLM_ROWS or bf16:
+        elif res.row in FLM_ROWS or res.row == BF16_ROW:
             kernels = "torch" if res.row == "flm_rt[torch-kernels]" else "auto"
             if predrawn:
                 fn = lambda: generate(model, noise=noise, steps=steps, stochasticity=s, decode=False,  # noqa: E731
@@ -548,7 +551,7 @@ class Suite:
                     res.extra["kernels"] = build_info(short=True)
                 except Exception as e:  # noqa: BLE001
                     res.extra["kernels"] = f"unavailable ({type(e).__name__})"
-        elif res.row == EMB_ROW:
+        elif res.row in EMB_ROWS:
             import inspect
 
             if "noise_space" not in inspect.signature(generate).parameters:
@@ -565,19 +568,20 @@ class Suite:
 
         t = time_calls(fn, self.device, repeats=self.s.repeats, warmup=self.s.warmup, max_total_s=self.s.max_case_s)
         times, ids = t.times_s, t.out
-        space = "embedding" if res.row == EMB_ROW else "vocab"
+        space = "embedding" if res.row in EMB_ROWS else "vocab"
         res.extra["flops_counted"] = f"{space}-space process"
         self._finish(res, times, flops_per_sample(cfg, steps, L, space), weight_bytes(model))
         ids = torch.as_tensor(ids).to("cpu", torch.int64)
         key = (res.shape, steps, b)
         if res.row == "reference":
             self._ref_ids[key] = ids
-        elif self.s.check_tokens and key in self._ref_ids and res.row != EMB_ROW:
+        elif self.s.check_tokens and key in self._ref_ids and res.row not in EMB_ROWS:
             res.tokens_match_reference = float((ids == self._ref_ids[key]).float().mean())
-        if res.row == "flm_rt" and res.dtype == "float32":
-            self._fp32_ids[key] = ids
-        if bf16 and key in self._fp32_ids:
-            res.extra["tokens_match_fp32"] = float((ids == self._fp32_ids[key]).float().mean())
+        # bf16 rows against the fp32 row of the same noise space (same draws)
+        if res.row in ("flm_rt", EMB_ROW) and res.dtype == "float32":
+            self._fp32_ids[(space, *key)] = ids
+        if bf16 and (space, *key) in self._fp32_ids:
+            res.extra["tokens_match_fp32"] = float((ids == self._fp32_ids[(space, *key)]).float().mean())
             res.extra["native_bf16"] = native_bf16_summary()
 
     def _export_runner(self, res: CaseResult, model, noise, steps, s):
