@@ -166,6 +166,14 @@ def test_cli_bench_parses_quick_subset():
     assert full.batches == [1, 8] and full.cases is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--shapes", "huge"])
+    picked = settings_from_args(build_parser().parse_args(
+        ["--device", "cpu", "--cases", "lm1b:flm_rt,flm_rt[bfloat16+embedding-noise]:1,4:1,8; owt:autoregressive:-:1"]))
+    assert picked.cases == [(s_, r, n, b) for s_, b, n in (("lm1b", 1, 1), ("lm1b", 1, 4), ("lm1b", 8, 1),
+                                                           ("lm1b", 8, 4))
+                            for r in ("flm_rt", "flm_rt[bfloat16+embedding-noise]")] + [("owt", "autoregressive", None, 1)]
+    for bad in ("lm1b:flm_rt:-:1", "lm1b:autoregressive:1:1", "lm1b:flm_rt:1", "lm1b:nope:1:1", ";"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--cases", bad])
 
 
 def test_autoregressive_flop_count():
@@ -190,6 +198,9 @@ def test_cli_bench_end_to_end_tiny(tmp_path, capsys):
     assert rc == 0
     assert "| tiny | flm_rt | 1 |" in capsys.readouterr().out
     assert {"results.json", "results.md", "latency_vs_steps.png"} <= {p.name for p in tmp_path.iterdir()}
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["command"].startswith("flm-rt bench --shapes tiny --steps 1") and "Command: `flm-rt bench" in (
+        tmp_path / "results.md").read_text()
 
 
 def test_cli_bench_a_users_checkpoint(tmp_path, capsys, monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -37,6 +38,30 @@ def _names(known: Sequence[str]):
     return parse
 
 
+def _cases(s: str) -> list:
+    """'shapes:rows:steps:batches;...' -> [(shape, row, steps or None, batch), ...] in the given order."""
+    out = []
+    for group in filter(None, (g.strip() for g in s.split(";"))):
+        parts = group.split(":")
+        if len(parts) != 4:
+            raise argparse.ArgumentTypeError(f"case group {group!r} must be SHAPES:ROWS:STEPS:BATCHES")
+        shapes = _names(list(PRESET_SHAPES))(parts[0])
+        rows = _names(ALL_ROWS)(parts[1])
+        steps = [None] if parts[2].strip() == "-" else _ints(parts[2])
+        batches = _ints(parts[3])
+        for shape in shapes:
+            for b in batches:
+                for n in steps:
+                    for row in rows:
+                        if (n is None) != (row == AR_ROW):
+                            raise argparse.ArgumentTypeError(
+                                f"case group {group!r}: steps are '-' exactly for the {AR_ROW} row")
+                        out.append((shape, row, n, b))
+    if not out:
+        raise argparse.ArgumentTypeError("--cases is empty")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flm-rt bench",
@@ -55,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "1,8,64 on GPU)")
     p.add_argument("--rows", type=_names(ALL_ROWS), default=None,
                    help=f"comma-separated from {', '.join(ALL_ROWS)} (default all)")
+    p.add_argument("--cases", type=_cases, default=None, metavar="SHAPES:ROWS:STEPS:BATCHES[;...]",
+                   help="exactly these cases instead of --shapes x --rows x --steps x --batch: ';'-separated "
+                        "groups, each the product of its comma-separated shapes, rows, steps and batch sizes "
+                        "('-' for the autoregressive row's steps), e.g. 'lm1b:flm_rt,reference:1,4:1,8;"
+                        "owt:autoregressive:-:1'")
     cli_args.add_device(p, dtype_help="float32 | bfloat16 | float16 (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--stochasticity", type=float, default=0.0, help="FMLM stochasticity s (default 0.0)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case, median and spread reported (default 5; "
@@ -117,6 +147,8 @@ def settings_from_args(args):
         s.repeats = max(1, args.repeats)
     if args.max_case_s is not None:
         s.max_case_s = args.max_case_s
+    if args.cases:
+        s.cases = args.cases
     s.ar_tokens = args.ar_tokens
     s.rate_n = args.rate_size
     if args.threads:
@@ -153,6 +185,7 @@ def cli_bench(argv: Optional[Sequence[str]] = None) -> int:
     from .suite import Suite
 
     settings = settings_from_args(args)
+    settings.command = "flm-rt bench " + " ".join(shlex.quote(a) for a in argv)
     suite = Suite(settings)
     cases = suite.case_list()
     out_dir = args.out or default_out_dir(suite.device)

@@ -63,6 +63,8 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
                      f"peak {_fmt(meta.get('peak_tflops'), '.3g')} TFLOP/s ({meta.get('peak_source')}); "
                      f"stochasticity {meta.get('stochasticity')}; load average at start {meta.get('loadavg_start')}; "
                      f"{meta.get('date_utc')}, commit {meta.get('git_commit')}.")
+        if meta.get("command"):
+            lines += ["", f"Command: `{meta['command']}`"]
         if meta.get("note"):
             lines += ["", f"Note: {meta['note']}"]
         isa = meta.get("cpu_isa")

@@ -228,6 +228,7 @@ class BenchSettings:
     noise_budget_frac: float = 0.25     # pre-draw noise only when it fits in this fraction of memory
     check_tokens: bool = True           # compare flm_rt rows' ids against the reference row (same draws)
     model_path: Optional[str] = None    # bench this checkpoint (shape "model") instead of random models
+    command: Optional[str] = None       # the command line that made this run (recorded in the results)
     gemm_profile: bool = True           # time each GEMM of one network call per (shape, batch)
     rate_n: Optional[int] = None        # size of the square products that set the machine's rates (2048 CPU)
 
@@ -411,6 +412,7 @@ class Suite:
             "output_scale": OUTPUT_SCALE, **self.peak(), "matmul_rates": self.rates(),
             "cpu_isa": cpu_isa() if self.device.type == "cpu" else None,
             "model_path": self.s.model_path,
+            "command": self.s.command,
         }
         if self.device.type == "cuda":
             self.meta["cuda"] = torch.version.cuda
