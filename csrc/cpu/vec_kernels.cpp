@@ -265,6 +265,26 @@ void argmax_rows_t(const ArgmaxParams& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) argmax_row<T>(x + r * p.V, p.V, p.indices + r, vals + r);
 }
 
+// ----------------------------------------------------------------------------- screened argmax
+// Lanes [0, n) of the screen's score s and bound e at g[v0 ..] (n <= kW; other lanes: s = 0, e = 0).
+struct ScreenLanes {
+  Vec s, e;
+};
+
+inline ScreenLanes screen_lanes(const ScreenRow& p, int64_t v0, int64_t n) {
+  const bool full = n == kW;
+  Vec g = p.g_kind == FloatKind::BF16
+              ? (full ? load_full(static_cast<const c10::BFloat16*>(p.g) + v0)
+                      : load_part(static_cast<const c10::BFloat16*>(p.g) + v0, n))
+              : (full ? Vec::loadu(static_cast<const float*>(p.g) + v0)
+                      : Vec::loadu(static_cast<const float*>(p.g) + v0, n));
+  if (p.bias) g = g + (full ? Vec::loadu(p.bias + v0) : Vec::loadu(p.bias + v0, n));
+  const Vec a = full ? Vec::loadu(p.colA + v0) : Vec::loadu(p.colA + v0, n);
+  const Vec b = full ? Vec::loadu(p.colB + v0) : Vec::loadu(p.colB + v0, n);
+  // every term >= 0, so the computed e is within 3 roundings of the exact one (the bound's margin covers that)
+  return {g, Vec(p.ny) * a + b + Vec(p.tau)};
+}
+
 }  // namespace
 
 void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -281,6 +301,70 @@ void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end) {
     case FloatKind::BF16: argmax_rows_t<c10::BFloat16>(p, row_begin, row_end); break;
     case FloatKind::F16: argmax_rows_t<c10::Half>(p, row_begin, row_end); break;
   }
+}
+
+bool screen_max(const ScreenRow& p, float* lo_max) {
+  Vec m(-kInf), nonfinite(0.0f);  // s * 0 is NaN exactly where s is inf or NaN
+  int64_t v = 0;
+  for (; v + kW <= p.n; v += kW) {
+    const ScreenLanes l = screen_lanes(p, v, kW);
+    nonfinite = nonfinite + l.s * Vec(0.0f);
+    m = at::vec::maximum(m, l.s - l.e);
+  }
+  if (v < p.n) {
+    const ScreenLanes l = screen_lanes(p, v, p.n - v);
+    nonfinite = nonfinite + l.s * Vec(0.0f);
+    m = at::vec::maximum(m, Vec::set(Vec(-kInf), l.s - l.e, p.n - v));
+  }
+  alignas(64) float mm[kW];
+  alignas(64) float nf[kW];
+  m.store(mm);
+  nonfinite.store(nf);
+  float best = -kInf;
+  bool finite = true;
+  for (int64_t i = 0; i < kW; ++i) {
+    best = mm[i] > best ? mm[i] : best;
+    finite = finite && nf[i] == nf[i];
+  }
+  *lo_max = best;
+  return finite;
+}
+
+int64_t screen_collect(const ScreenRow& p, float T, int64_t v_offset, int32_t* idx, float* hi, int64_t count,
+                       int64_t cap) {
+  const Vec t(T);
+  for (int64_t v = 0; v < p.n; v += kW) {
+    const int64_t n = p.n - v < kW ? p.n - v : kW;
+    const ScreenLanes l = screen_lanes(p, v, n);
+    const Vec h = l.s + l.e;
+    // zero_mask: bit i set where lane i compared false (the comparison's true lanes are all-ones bit patterns)
+    uint64_t hit = ~static_cast<uint64_t>(static_cast<uint32_t>((h >= t).zero_mask())) &
+                   ((n >= 64 ? 0 : (uint64_t{1} << n)) - 1);
+    if (hit == 0) continue;
+    alignas(64) float hv[kW];
+    h.store(hv);
+    while (hit) {
+      const int i = __builtin_ctzll(hit);
+      hit &= hit - 1;
+      if (count >= cap) return -1;
+      idx[count] = static_cast<int32_t>(v_offset + v + i);
+      hi[count] = hv[i];
+      ++count;
+    }
+  }
+  return count;
+}
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+  Vec acc(0.0f);
+  int64_t k = 0;
+  for (; k + kW <= n; k += kW) acc = at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(b + k), acc);
+  if (k < n) acc = at::vec::fmadd(Vec::loadu(a + k, n - k), Vec::loadu(b + k, n - k), acc);
+  alignas(64) float lanes[kW];
+  acc.store(lanes);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < kW; ++i) sum += lanes[i];
+  return sum;
 }
 
 const char* describe() {

@@ -34,11 +34,31 @@ struct ArgmaxParams {
   void* values;            // [rows], same dtype as x
 };
 
+// One row of one chunk of the screened argmax (vocab_pass.cpp): the screen score of entry v is
+// s = g[v] + bias[v] (fp32; g the bf16 or fp32 GEMM output), its error bound e = ny * colA[v] + colB[v] + tau.
+struct ScreenRow {
+  const void* g;           // [n], FloatKind g_kind (BF16 or F32)
+  FloatKind g_kind;
+  int64_t n;
+  const float* bias;       // [n] or nullptr
+  const float* colA;       // [n] >= 0
+  const float* colB;       // [n] >= 0
+  float ny, tau;           // >= 0, finite
+};
+
 #define FLM_RT_DECLARE_CPU_KERNELS(CAP)                                                              \
   namespace CAP {                                                                                    \
   /* scratch: at least V floats, private to the calling thread */                                    \
   void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch);           \
   void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end);                       \
+  /* max over v of fl(s - e) into *lo_max (-inf for none); false when some s is not finite */             \
+  bool screen_max(const ScreenRow& p, float* lo_max);                                                \
+  /* appends the v (ascending, + v_offset) with fl(s + e) >= T to idx/hi from position count; returns */ \
+  /* the new count, or -1 as soon as it would exceed cap */                                          \
+  int64_t screen_collect(const ScreenRow& p, float T, int64_t v_offset, int32_t* idx, float* hi,     \
+                         int64_t count, int64_t cap);                                                \
+  /* fp32 dot product (vectorised fused multiply-adds, lanes summed in a fixed order) */             \
+  float dot_f32(const float* a, const float* b, int64_t n);                                          \
   /* "AVX512 (-mavx512f ...), Vectorized<float> width 16" */                                         \
   const char* describe();                                                                            \
   }
