@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -379,8 +380,8 @@ bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const 
     tau_y[r] = round_up_float(bound.tau(ny_d[r]));
     exact[r] = !(std::isfinite(ny[r]) && std::isfinite(tau_y[r]));
   }
-  std::vector<int32_t> cand_i(R * kMaxCandidates);
-  std::vector<float> cand_hi(R * kMaxCandidates);
+  const std::unique_ptr<int32_t[]> cand_i(new int32_t[R * kMaxCandidates]);  // (uninitialised: count says)
+  const std::unique_ptr<float[]> cand_hi(new float[R * kMaxCandidates]);
   std::vector<int64_t> count(R, 0);
   const auto& k = cpu::kernels();
   const at::Tensor yb = y2.to(at::kBFloat16);
@@ -402,8 +403,8 @@ bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const 
           continue;
         }
         T[r] = std::max(T[r], lo);
-        int32_t* ci = cand_i.data() + r * kMaxCandidates;
-        float* ch = cand_hi.data() + r * kMaxCandidates;
+        int32_t* ci = cand_i.get() + r * kMaxCandidates;
+        float* ch = cand_hi.get() + r * kMaxCandidates;
         if (count[r] > kMaxCandidates / 2) {  // drop earlier candidates that the risen threshold rejects
           int64_t m = 0;
           for (int64_t j = 0; j < count[r]; ++j)
@@ -421,8 +422,8 @@ bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const 
     int64_t local = 0;
     for (int64_t r = r0; r < r1; ++r) {
       if (exact[r]) continue;
-      const int32_t* ci = cand_i.data() + r * kMaxCandidates;
-      const float* ch = cand_hi.data() + r * kMaxCandidates;
+      const int32_t* ci = cand_i.get() + r * kMaxCandidates;
+      const float* ch = cand_hi.get() + r * kMaxCandidates;
       int64_t best = -1;
       float bv = 0;
       for (int64_t j = 0; j < count[r]; ++j) {
