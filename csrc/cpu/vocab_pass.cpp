@@ -4,7 +4,9 @@
 //
 //   argmax: optional soft-cap (in the logits dtype), the capability-dispatched argmax row kernel on the chunk,
 //           then a merge into the running (index, value) with torch.max's rules (first NaN wins, ties -> lowest
-//           index, hence "strictly greater" for later chunks);
+//           index, hence "strictly greater" for later chunks); with `screen` (fp32, cap <= 0) the candidates
+//           come from a bf16 product and a rigorous error bound and only their fp32 logits are computed
+//           (screened_argmax_rows below);
 //   embed:  soft-cap in float32, then an online softmax (running max m and sum l, as flash attention), the
 //           unnormalised exp(chunk - m) multiplied into the running softmax @ E accumulator; with a cap <= 60
 //           the shift is the cap itself (the capped logits are bounded), so no running max is needed.
