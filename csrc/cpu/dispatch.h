@@ -14,8 +14,8 @@ struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2" or "AVX512"
   void (*step_rows)(const StepParams&, int64_t, int64_t, float*);
   void (*argmax_rows)(const ArgmaxParams&, int64_t, int64_t);
-  bool (*screen_max)(const ScreenRow&, float*);
-  int64_t (*screen_collect)(const ScreenRow&, float, int64_t, int32_t*, float*, int64_t, int64_t);
+  bool (*screen_max)(const ScreenRow&, float*, float*);
+  int64_t (*screen_collect)(const ScreenRow&, float, const float*, int64_t, int32_t*, float*, int64_t, int64_t);
   float (*dot_f32)(const float*, const float*, int64_t);
   const char* (*describe)();
 };

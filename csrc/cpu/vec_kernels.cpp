@@ -303,18 +303,29 @@ void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end) {
   }
 }
 
-bool screen_max(const ScreenRow& p, float* lo_max) {
+bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi) {
   Vec m(-kInf), nonfinite(0.0f);  // s * 0 is NaN exactly where s is inf or NaN
-  int64_t v = 0;
-  for (; v + kW <= p.n; v += kW) {
-    const ScreenLanes l = screen_lanes(p, v, kW);
-    nonfinite = nonfinite + l.s * Vec(0.0f);
-    m = at::vec::maximum(m, l.s - l.e);
-  }
-  if (v < p.n) {
-    const ScreenLanes l = screen_lanes(p, v, p.n - v);
-    nonfinite = nonfinite + l.s * Vec(0.0f);
-    m = at::vec::maximum(m, Vec::set(Vec(-kInf), l.s - l.e, p.n - v));
+  for (int64_t b0 = 0; b0 < p.n; b0 += kScreenBlock) {
+    const int64_t b1 = b0 + kScreenBlock < p.n ? b0 + kScreenBlock : p.n;
+    Vec h(-kInf);
+    for (int64_t v = b0; v < b1; v += kW) {
+      const int64_t n = b1 - v < kW ? b1 - v : kW;
+      const ScreenLanes l = screen_lanes(p, v, n);
+      nonfinite = nonfinite + l.s * Vec(0.0f);
+      // clamp_min: a plain max (NaN handling is not needed: a NaN s makes the row non-finite anyway)
+      if (n == kW) {
+        m = at::vec::clamp_min(l.s - l.e, m);
+        h = at::vec::clamp_min(l.s + l.e, h);
+      } else {
+        m = at::vec::clamp_min(Vec::set(Vec(-kInf), l.s - l.e, n), m);
+        h = at::vec::clamp_min(Vec::set(Vec(-kInf), l.s + l.e, n), h);
+      }
+    }
+    alignas(64) float hh[kW];
+    h.store(hh);
+    float bh = -kInf;
+    for (int64_t i = 0; i < kW; ++i) bh = hh[i] > bh ? hh[i] : bh;
+    block_hi[b0 / kScreenBlock] = bh;
   }
   alignas(64) float mm[kW];
   alignas(64) float nf[kW];
@@ -330,26 +341,30 @@ bool screen_max(const ScreenRow& p, float* lo_max) {
   return finite;
 }
 
-int64_t screen_collect(const ScreenRow& p, float T, int64_t v_offset, int32_t* idx, float* hi, int64_t count,
-                       int64_t cap) {
+int64_t screen_collect(const ScreenRow& p, float T, const float* block_hi, int64_t v_offset, int32_t* idx, float* hi,
+                       int64_t count, int64_t cap) {
   const Vec t(T);
-  for (int64_t v = 0; v < p.n; v += kW) {
-    const int64_t n = p.n - v < kW ? p.n - v : kW;
-    const ScreenLanes l = screen_lanes(p, v, n);
-    const Vec h = l.s + l.e;
-    // zero_mask: bit i set where lane i compared false (the comparison's true lanes are all-ones bit patterns)
-    uint64_t hit = ~static_cast<uint64_t>(static_cast<uint32_t>((h >= t).zero_mask())) &
-                   ((n >= 64 ? 0 : (uint64_t{1} << n)) - 1);
-    if (hit == 0) continue;
-    alignas(64) float hv[kW];
-    h.store(hv);
-    while (hit) {
-      const int i = __builtin_ctzll(hit);
-      hit &= hit - 1;
-      if (count >= cap) return -1;
-      idx[count] = static_cast<int32_t>(v_offset + v + i);
-      hi[count] = hv[i];
-      ++count;
+  for (int64_t b0 = 0; b0 < p.n; b0 += kScreenBlock) {
+    if (!(block_hi[b0 / kScreenBlock] >= T)) continue;  // no candidate in this block
+    const int64_t b1 = b0 + kScreenBlock < p.n ? b0 + kScreenBlock : p.n;
+    for (int64_t v = b0; v < b1; v += kW) {
+      const int64_t n = b1 - v < kW ? b1 - v : kW;
+      const ScreenLanes l = screen_lanes(p, v, n);
+      const Vec h = l.s + l.e;
+      // zero_mask: bit i set where lane i compared false (the comparison's true lanes are all-ones bit patterns)
+      uint64_t hit = ~static_cast<uint64_t>(static_cast<uint32_t>((h >= t).zero_mask())) &
+                     ((n >= 64 ? 0 : (uint64_t{1} << n)) - 1);
+      if (hit == 0) continue;
+      alignas(64) float hv[kW];
+      h.store(hv);
+      while (hit) {
+        const int i = __builtin_ctzll(hit);
+        hit &= hit - 1;
+        if (count >= cap) return -1;
+        idx[count] = static_cast<int32_t>(v_offset + v + i);
+        hi[count] = hv[i];
+        ++count;
+      }
     }
   }
   return count;

@@ -46,17 +46,20 @@ struct ScreenRow {
   float ny, tau;           // >= 0, finite
 };
 
+constexpr int64_t kScreenBlock = 256;  // entries per block_hi element (a multiple of every vector width)
+
 #define FLM_RT_DECLARE_CPU_KERNELS(CAP)                                                              \
   namespace CAP {                                                                                    \
   /* scratch: at least V floats, private to the calling thread */                                    \
   void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch);           \
   void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end);                       \
-  /* max over v of fl(s - e) into *lo_max (-inf for none); false when some s is not finite */             \
-  bool screen_max(const ScreenRow& p, float* lo_max);                                                \
-  /* appends the v (ascending, + v_offset) with fl(s + e) >= T to idx/hi from position count; returns */ \
-  /* the new count, or -1 as soon as it would exceed cap */                                          \
-  int64_t screen_collect(const ScreenRow& p, float T, int64_t v_offset, int32_t* idx, float* hi,     \
-                         int64_t count, int64_t cap);                                                \
+  /* max over v of fl(s - e) into *lo_max (-inf for none), max of fl(s + e) over each kScreenBlock   */ \
+  /* entries into block_hi[ceil(n / kScreenBlock)]; false when some s is not finite                 */ \
+  bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi);                               \
+  /* appends the v (ascending, + v_offset) with fl(s + e) >= T to idx/hi from position count,        */ \
+  /* skipping blocks whose block_hi < T; returns the new count, or -1 as soon as it would exceed cap */ \
+  int64_t screen_collect(const ScreenRow& p, float T, const float* block_hi, int64_t v_offset,        \
+                         int32_t* idx, float* hi, int64_t count, int64_t cap);                       \
   /* fp32 dot product (vectorised fused multiply-adds, lanes summed in a fixed order) */             \
   float dot_f32(const float* a, const float* b, int64_t n);                                          \
   /* "AVX512 (-mavx512f ...), Vectorized<float> width 16" */                                         \

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <atomic>
 #include <cmath>
@@ -389,18 +390,24 @@ bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const 
   const at::Tensor yb = y2.to(at::kBFloat16);
   for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += chunk) {
     const int64_t n = std::min(chunk, V - v0);
-    const at::Tensor g = packed_linear(yb, ent->packed[c], std::nullopt).contiguous();
+    at::Tensor g;
+    {
+      RECORD_FUNCTION("flm_rt::screen_gemm", std::vector<c10::IValue>());
+      g = packed_linear(yb, ent->packed[c], std::nullopt).contiguous();
+    }
+    RECORD_FUNCTION("flm_rt::screen_scan", std::vector<c10::IValue>());
     TORCH_CHECK(g.scalar_type() == at::kBFloat16 || g.scalar_type() == at::kFloat,
                 "flm_rt::vocab_pass_argmax: unexpected screen GEMM output dtype ", g.scalar_type());
     const char* gp = static_cast<const char*>(g.const_data_ptr());
     const int64_t g_ld = g.size(1) * g.element_size();
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> block_hi((n + cpu::kScreenBlock - 1) / cpu::kScreenBlock);
       for (int64_t r = r0; r < r1; ++r) {
         if (exact[r]) continue;
         cpu::ScreenRow row{gp + r * g_ld, cpu::float_kind(g.scalar_type()), n, bp ? bp + v0 : nullptr,
                            ent->colA.data() + v0, colB.data() + v0, ny[r], tau_y[r]};
         float lo = 0;
-        if (!k.screen_max(row, &lo)) {
+        if (!k.screen_max(row, &lo, block_hi.data())) {
           exact[r] = 1;
           continue;
         }
@@ -413,13 +420,14 @@ bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const 
             if (ch[j] >= T[r]) ci[m] = ci[j], ch[m++] = ch[j];
           count[r] = m;
         }
-        count[r] = k.screen_collect(row, T[r], v0, ci, ch, count[r], kMaxCandidates);
+        count[r] = k.screen_collect(row, T[r], block_hi.data(), v0, ci, ch, count[r], kMaxCandidates);
         if (count[r] < 0) exact[r] = 1;
       }
     });
   }
   // verification: the fp32 logits of the final candidates, torch.argmax's rules (candidates are ascending)
   std::atomic<int64_t> n_cand{0};
+  RECORD_FUNCTION("flm_rt::screen_verify", std::vector<c10::IValue>());
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     int64_t local = 0;
     for (int64_t r = r0; r < r1; ++r) {
