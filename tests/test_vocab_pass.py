@@ -478,3 +478,23 @@ def test_screen_opcheck():
     torch.library.opcheck(torch.ops.flm_rt.vocab_pass_argmax.default, (y, w, b, 0.0, 16, True, True))
     torch.library.opcheck(torch.ops.flm_rt.vocab_pass_argmax.default, (y, w, None, 0.0, 16, True),
                           {"screen": True})
+
+
+@needs_pass
+@needs_screen
+def test_screen_many_candidates():
+    """> 1024 candidates in a row: that row takes the exact pass; 800 candidates in the first chunk that a later
+    chunk's threshold rejects are pruned, and the row stays screened."""
+    g = torch.Generator().manual_seed(13)
+    y = torch.randint(-2, 3, (3, 32), generator=g).float()
+    w = torch.randint(-1, 2, (4000, 32), generator=g).float()
+    w[:1500] = y[0]  # row 0: 1500 exact ties (a candidate each) -> the exact pass, lowest index
+    w[1500:2300] = y[1]  # row 1: 800 ties in the first chunk (chunk 2500) ...
+    w[3000] = y[1] * 2  # ... and a clear winner in the second
+    before = screen_stats()
+    got_i, got_v = screened(y, w, None, 2500)
+    after = screen_stats()
+    want_i, want_v = ops.vocab_pass_argmax_reference(y, w, None, 0.0)
+    assert torch.equal(got_i, want_i) and torch.equal(got_v, want_v)
+    assert got_i[0] == 0 and got_i[1] == 3000
+    assert after["exact_rows"] - before["exact_rows"] == 1
