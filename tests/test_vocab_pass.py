@@ -498,3 +498,16 @@ def test_screen_many_candidates():
     assert torch.equal(got_i, want_i) and torch.equal(got_v, want_v)
     assert got_i[0] == 0 and got_i[1] == 3000
     assert after["exact_rows"] - before["exact_rows"] == 1
+
+
+@needs_pass
+@needs_screen
+def test_screen_row_blocks():
+    """More rows than one screen block (1024): every block is screened against every chunk."""
+    g = torch.Generator().manual_seed(14)
+    y, w, b = torch.randn(2100, 16, generator=g), torch.randn(5000, 16, generator=g) / 4, torch.randn(5000, generator=g)
+    before = screen_stats()
+    got_i, got_v = screened(y, w, b, 4096)
+    after = screen_stats()
+    assert_clear_rows_match(y, w, b, got_i, got_v)
+    assert after["rows"] - before["rows"] == 2100 and after["exact_rows"] - before["exact_rows"] <= 5
