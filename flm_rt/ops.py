@@ -358,7 +358,8 @@ def _pass_screen(y: torch.Tensor, cap: float, prepacked: bool, screen: Optional[
 
 def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                       cap: float = LOGIT_SOFTCAP, *, chunk: Optional[int] = None,
-                      backend: Optional[str] = None, screen: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: Optional[str] = None,
+                      screen: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices int64 [...], values [...])`` of the maximum over V of ``cap*tanh((y @ weight^T + bias)/cap)``
     (cap <= 0: raw logits), without building the [..., V] logits (compiled kernel); the reference builds them.
 

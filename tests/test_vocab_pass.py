@@ -456,7 +456,8 @@ def test_screen_without_bf16_packing_takes_the_exact_pass():
         "import torch\n"
         "from flm_rt import _C, ops\n"
         "g = torch.Generator().manual_seed(1)\n"
-        "y, w, b = torch.randn(7, 64, generator=g), torch.randn(1000, 64, generator=g), torch.randn(1000, generator=g)\n"
+        "y, w = torch.randn(7, 64, generator=g), torch.randn(1000, 64, generator=g)\n"
+        "b = torch.randn(1000, generator=g)\n"
         "with torch.no_grad():\n"
         "    got = torch.ops.flm_rt.vocab_pass_argmax(y, w, b, 0.0, 300, True, True)[0]\n"
         "    ref = torch.ops.flm_rt.vocab_pass_argmax(y, w, b, 0.0, 300, True, False)[0]\n"
@@ -511,3 +512,16 @@ def test_screen_row_blocks():
     after = screen_stats()
     assert_clear_rows_match(y, w, b, got_i, got_v)
     assert after["rows"] - before["rows"] == 2100 and after["exact_rows"] - before["exact_rows"] <= 5
+
+
+@needs_pass
+def test_empty_feature_dimension():
+    """D = 0: every logit is the bias (the rows were once counted as numel / D = 0, leaving the outputs unset)."""
+    y, w, b, e = torch.randn(3, 0), torch.randn(5, 0), torch.tensor([0.0, 2.0, -1.0, 2.0, 1.0]), torch.randn(5, 2)
+    with torch.no_grad():
+        for prepacked in (False, True):
+            for screen in (False, True):
+                i, v = torch.ops.flm_rt.vocab_pass_argmax(y, w, b, 0.0, 4, prepacked, screen)
+                assert torch.equal(i, torch.ones(3, dtype=torch.int64)) and torch.equal(v, torch.full((3,), 2.0))
+            got = torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, 0.0, 4, prepacked)
+            torch.testing.assert_close(got, ops.vocab_pass_embed_reference(y, w, b, e, 0.0))

@@ -66,7 +66,9 @@ PassShape check_pass_inputs(const char* op, const at::Tensor& y, const at::Tenso
   }
   TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1, got ", chunk);
   const int64_t D = y.size(-1);
-  return {D > 0 ? y.numel() / D : 0, D, V};
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < y.dim(); ++i) rows *= y.size(i);  // (also for D = 0, where numel / D is not)
+  return {rows, D, V};
 }
 
 // ---------------------------------------------------------------------------------- prepacked weight chunks
@@ -175,7 +177,7 @@ struct ChunkedProjection {
                     bool prepacked, const PassShape& s)
       : y2(y.reshape({s.rows, s.D}).contiguous()), weight(w), V(s.V), chunk(std::min(chunk_, s.V)) {
     if (b.has_value() && b->defined()) bias = b->contiguous();
-    if (prepacked) packed = try_packed_chunks(w, chunk, /*transposed=*/false);
+    if (prepacked && s.D > 0) packed = try_packed_chunks(w, chunk, /*transposed=*/false);  // (oneDNN: no K = 0)
   }
   int64_t count() const { return (V + chunk - 1) / chunk; }
   int64_t begin(int64_t k) const { return k * chunk; }
@@ -343,7 +345,8 @@ std::shared_ptr<const ScreenEntry> screen_weight(const at::Tensor& w, int64_t ch
   if (entry.usable) {
     try {
       const at::Tensor wb = wc.to(at::kBFloat16);
-      for (int64_t v0 = 0; v0 < V; v0 += chunk) entry.packed.push_back(reorder_linear_weight(wb.narrow(0, v0, std::min(chunk, V - v0))));
+      for (int64_t v0 = 0; v0 < V; v0 += chunk)
+        entry.packed.push_back(reorder_linear_weight(wb.narrow(0, v0, std::min(chunk, V - v0))));
     } catch (const c10::Error&) {  // oneDNN refuses bf16 weights on this CPU / ISA cap
       entry.usable = false;
       entry.packed.clear();
@@ -365,6 +368,7 @@ std::atomic<int64_t> g_stat_calls{0}, g_stat_rows{0}, g_stat_exact_rows{0}, g_st
 bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           int64_t chunk, int64_t* best_i, float* best_v) {
   const int64_t R = y2.size(0), D = y2.size(1), V = weight.size(0);
+  if (D == 0 || V > std::numeric_limits<int32_t>::max()) return false;  // (candidates are int32)
   const int64_t exact_chunk = chunk;
   chunk = std::min({chunk, V, kScreenChunk});
   const std::shared_ptr<const ScreenEntry> ent = screen_weight(weight, chunk);
@@ -378,7 +382,8 @@ bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const 
   std::vector<float> colB(V);  // beta |b_v| + tau_w(v), rounded up
   const float* bp = b ? b->const_data_ptr<float>() : nullptr;
   for (int64_t v = 0; v < V; ++v)
-    colB[v] = bp ? round_up_float(bound.beta * std::fabs(static_cast<double>(bp[v])) + ent->tau_w[v]) : ent->tau_w[v];
+    colB[v] = bp ? round_up_float(bound.beta * std::fabs(static_cast<double>(bp[v])) + ent->tau_w[v])
+                 : ent->tau_w[v];
 
   const float* yp = y2.const_data_ptr<float>();
   const at::Tensor wc = weight.contiguous();  // (no copy for the usual contiguous weight)
@@ -520,7 +525,7 @@ at::Tensor vocab_pass_embed_cpu(const at::Tensor& y, const at::Tensor& weight, c
   const ChunkedProjection proj(y, weight, bias, chunk, prepacked, s);
   const at::Tensor E = embed.contiguous();
   const std::vector<at::Tensor>* e_packed =
-      prepacked ? try_packed_chunks(embed, proj.chunk, /*transposed=*/true) : nullptr;
+      prepacked && De > 0 ? try_packed_chunks(embed, proj.chunk, /*transposed=*/true) : nullptr;
 
   const auto f32 = y.options().dtype(at::kFloat);
   at::Tensor m = at::full({s.rows}, -std::numeric_limits<float>::infinity(), f32);  // running max
