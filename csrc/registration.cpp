@@ -47,9 +47,11 @@ TORCH_LIBRARY(flm_rt, m) {
   // reduced at once, never as a whole [..., V] tensor. y [..., D] and weight [V, D] (and bias [V]) share one
   // dtype (float32 / bfloat16 / float16); `prepacked`: use cached oneDNN-reordered weight chunks where possible.
   // (indices int64 [...], values) of the maximum over V of cap*tanh(logits/cap) (cap <= 0: of the raw logits),
-  // computed in the logits dtype, torch.max semantics.
-  m.def("vocab_pass_argmax(Tensor y, Tensor weight, Tensor? bias, float cap, int chunk, bool prepacked) -> "
-        "(Tensor, Tensor)");
+  // computed in the logits dtype, torch.max semantics. `screen` (CPU, float32, cap <= 0, prepacked): find the
+  // argmax candidates with a bf16 product and a rigorous error bound, then compute only their fp32 logits
+  // (same ids; docs/KERNELS.md "Screened argmax"); ignored where it does not apply.
+  m.def("vocab_pass_argmax(Tensor y, Tensor weight, Tensor? bias, float cap, int chunk, bool prepacked, "
+        "bool screen=False) -> (Tensor, Tensor)");
   // softmax(cap*tanh(logits/cap)) @ embed in float32 [..., De] (online softmax over the chunks); embed
   // float32 [V, De].
   m.def("vocab_pass_embed(Tensor y, Tensor weight, Tensor? bias, Tensor embed, float cap, int chunk, "
@@ -163,6 +165,10 @@ std::vector<std::pair<std::string, std::string>> build_info_entries() {
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+namespace flm_rt {
+std::vector<int64_t> vocab_screen_stats();  // cpu/vocab_pass.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flm_rt compiled kernels. The operators live in torch.ops.flm_rt; this module only has helpers.";
   m.def(
@@ -173,5 +179,18 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Compile-time facts about the extension (strings).");
+  m.def(
+      "vocab_screen_stats",
+      []() {
+        const auto v = flm_rt::vocab_screen_stats();
+        pybind11::dict d;
+        d["calls"] = v[0];
+        d["rows"] = v[1];
+        d["exact_rows"] = v[2];
+        d["candidates"] = v[3];
+        return d;
+      },
+      "Counters of the screened vocab_pass_argmax since load: calls, rows, rows that took the exact pass, "
+      "verified candidates.");
 }
 #endif

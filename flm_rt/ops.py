@@ -230,7 +230,7 @@ if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "vocab_pass_argmax"):  # (an ol
         torch._check(chunk >= 1, lambda: f"{op}: chunk must be >= 1, got {chunk}")
 
     @torch.library.register_fake("flm_rt::vocab_pass_argmax")
-    def _vocab_pass_argmax_fake(y, weight, bias, cap, chunk, prepacked):
+    def _vocab_pass_argmax_fake(y, weight, bias, cap, chunk, prepacked, screen=False):
         _fake_check_pass("flm_rt::vocab_pass_argmax", y, weight, bias, chunk)
         shape = y.shape[:-1]
         return y.new_empty(shape, dtype=torch.int64), y.new_empty(shape)
@@ -371,18 +371,50 @@ def _pass_prepacked(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
 
 
+def screen_enabled(screen: Optional[bool] = None) -> bool:
+    """The switch of the screened fp32 argmax: ``screen``, else env ``FLM_RT_SCREEN`` (default 1)."""
+    if screen is not None:
+        return bool(screen)
+    v = os.environ.get("FLM_RT_SCREEN", "1").strip().lower()
+    if v not in ("0", "1", "false", "true", "off", "on", ""):
+        raise ConfigError(f"flm_rt: FLM_RT_SCREEN must be 0 or 1, got {v!r}")
+    return v not in ("0", "false", "off")
+
+
+def _pass_screen(y: torch.Tensor, cap: float, prepacked: bool, screen: Optional[bool]) -> bool:
+    """Whether the kernel screens the fp32 argmax with a bf16 product (see vocab_pass_argmax)."""
+    if not screen_enabled(screen):
+        return False
+    from .cpu_features import native_bf16
+
+    return y.device.type == "cpu" and y.dtype == torch.float32 and cap <= 0 and prepacked and native_bf16()
+
+
 def vocab_pass_argmax(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                       cap: float = LOGIT_SOFTCAP, *, chunk: Optional[int] = None,
-                      backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: Optional[str] = None,
+                      screen: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices int64 [...], values [...])`` of the maximum over V of ``cap*tanh((y @ weight^T + bias)/cap)``
     (cap <= 0: raw logits), without building the [..., V] logits (compiled kernel); the reference builds them.
 
-    y [..., D] and weight [V, D] (bias [V]) share one dtype; values have that dtype."""
+    y [..., D] and weight [V, D] (bias [V]) share one dtype; values have that dtype.
+
+    screen: the fp32, uncapped case on the CPU (the fp32 sampler's last step) may find the argmax candidates with
+    a bf16 product (AMX) and a rigorous error bound, then compute the fp32 logits of the candidates only: the same
+    ids as the exact pass (values: the winners' fp32 logits), several times faster; rows it cannot settle take
+    the exact pass (docs/KERNELS.md, "Screened argmax"). None: on when y is float32, cap <= 0, prepacking is on,
+    the CPU has native bf16 and env ``FLM_RT_SCREEN`` is not 0; False: off; True: on wherever it applies
+    (float32, cap <= 0, prepacking on), also without native bf16."""
     if kernels_backend(y.device, y.dtype, "vocab_pass_argmax", backend) == "torch":
         return vocab_pass_argmax_reference(y, weight, bias, cap)
     rows = y.numel() // max(y.shape[-1], 1)
-    return torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, float(cap), vocab_chunk(chunk, rows),
-                                              _pass_prepacked(y.dtype))
+    prepacked = _pass_prepacked(y.dtype)
+    if screen is None:
+        use_screen = _pass_screen(y, float(cap), prepacked, None)
+    else:
+        use_screen = bool(screen) and y.dtype == torch.float32 and float(cap) <= 0 and prepacked
+    return torch.ops.flm_rt.vocab_pass_argmax(y, weight, bias, float(cap), vocab_chunk(chunk, rows), prepacked,
+                                              use_screen)
 
 
 def vocab_pass_embed(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], embed: torch.Tensor,

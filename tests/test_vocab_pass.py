@@ -282,3 +282,261 @@ def test_low_precision_cap_is_bitwise_atens(dtype, prepacked):
     want = v.clone().div_(30.0).tanh_().mul_(30.0)
     assert bool((idx == 0).all())
     assert torch.equal(val, want), int((val != want).sum())
+# ------------------------------------------------------------------------------ screened fp32 argmax
+# flm_rt::vocab_pass_argmax(..., screen=True): candidates from a bf16 product with a rigorous error bound, then the
+# fp32 logits of the candidates only. Ids must equal the exact pass's; rows the screen cannot settle (non-finite
+# values, too many candidates) and whole calls it cannot run (non-finite W / bias, no bf16 packing) take the exact
+# pass. flm_rt._C.vocab_screen_stats() counts [calls, rows, exact_rows, candidates] to show which path ran.
+def native_bf16():
+    from flm_rt.cpu_features import native_bf16 as nb
+
+    return nb()
+
+
+needs_screen = pytest.mark.skipif(not (_ext.EXT_LOADED and native_bf16()),
+                                  reason="the screen runs where the CPU has native bf16 (AMX / avx512_bf16)")
+
+
+def screen_stats():
+    from flm_rt import _C
+
+    return _C.vocab_screen_stats()
+
+
+def screened(y, w, b, chunk, screen=True):
+    with torch.no_grad():
+        return torch.ops.flm_rt.vocab_pass_argmax(y, w, b, 0.0, chunk, True, screen)
+
+
+def assert_clear_rows_match(y, w, b, got_i, got_v, min_clear=0.9):
+    """ids equal the reference on rows whose top-2 reference logits are not an fp32-rounding near-tie; the value is
+    the winner's logit (to fp32 rounding) everywhere."""
+    logits = torch.nn.functional.linear(y, w, b)
+    want_i, want_v = ops.vocab_pass_argmax_reference(y, w, b, 0.0)
+    scale = logits.abs().amax(-1) + 1
+    if logits.shape[-1] > 1:
+        top2 = logits.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 1e-5 * scale
+    else:
+        clear = torch.ones_like(want_i, dtype=torch.bool)
+    assert clear.float().mean() >= min_clear
+    assert torch.equal(got_i[clear], want_i[clear])
+    torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-5 * scale.max().item())
+    picked = logits.gather(-1, got_i.unsqueeze(-1)).squeeze(-1)  # a near-tie row still picks a maximal logit
+    assert (picked >= want_v - 1e-5 * scale).all()
+
+
+@needs_pass
+@needs_screen
+@pytest.mark.parametrize("rows", [1, 7, 128, 300])
+def test_screen_matches_reference(rows):
+    g = torch.Generator().manual_seed(rows)
+    before = screen_stats()
+    n_rows = 0
+    for case, (v, d) in enumerate([(1, 8), (17, 64), (1000, 8), (1000, 768), (5003, 64), (5003, 768)]):
+        if rows * v * d > 300 * 5003 * 64 and rows > 128:
+            continue  # test time
+        peaked = case % 2 == 1
+        y = torch.randn(rows, d, generator=g)
+        w = torch.randn(v, d, generator=g) / d**0.5
+        if peaked:
+            w = w * 8.0
+        b = torch.randn(v, generator=g) * 0.1
+        for chunk in sorted({1000, 4096, max(1, v // 3), v + 5}):
+            bias = b if chunk % 2 else None
+            got_i, got_v = screened(y, w, bias, chunk)
+            assert got_i.dtype == torch.int64 and got_v.dtype == torch.float32 and got_i.shape == (rows,)
+            assert got_i.device == y.device and got_v.shape == (rows,)
+            assert_clear_rows_match(y, w, bias, got_i, got_v)
+            n_rows += rows
+    after = screen_stats()
+    assert after["rows"] - before["rows"] == n_rows  # every call was screened ...
+    assert after["exact_rows"] - before["exact_rows"] <= n_rows // 50 + 1  # ... and settled almost every row
+
+
+@needs_pass
+@needs_screen
+def test_screen_ties_take_the_lowest_index():
+    y, w, _ = int_problem((9,), 32, 2000, torch.float32, seed=11)
+    w[[5, 999, 1000, 1500]] = y[0] * 4  # exact ties across a chunk border (chunk 1000) for row 0
+    w[[1200, 1700]] = y[1] * 4
+    for chunk in (1000, 999, 4096):
+        got = screened(y, w, None, chunk)
+        want = ops.vocab_pass_argmax_reference(y, w, None, 0.0)
+        assert torch.equal(got[0], want[0]) and got[0][0] == 5 and got[0][1] == 1200
+        assert torch.equal(got[1], want[1])  # integer data: every logit is exact
+    w[5] = 0.0
+    assert screened(y, w, None, 1000)[0][0] == 999
+
+
+@needs_pass
+@needs_screen
+def test_screen_near_ties_below_bf16_resolution():
+    """Entries whose logits differ by y_k * m * 2^-12 (exact in fp32, invisible in bf16): the screen keeps them all
+    and the fp32 verification picks the right one."""
+    g = torch.Generator().manual_seed(3)
+    rows, d, v = 16, 64, 3000
+    y = torch.randint(-2, 3, (rows, d), generator=g).float()
+    y[:, 0] = 2.0
+    w = torch.randint(-1, 2, (v, d), generator=g).float()
+    base = 1000 + 13 * torch.arange(rows)  # row r's best entries sit at base[r] + 0..5
+    for r in range(rows):
+        for j, m in enumerate([1, 3, -2, 3, 0, 2]):  # two equal maxima (j = 1, 3): the lower index wins
+            w[base[r] + j] = y[r]
+            w[base[r] + j, 0] += m * 2.0**-12
+    before = screen_stats()
+    for chunk in (1002, 4096):
+        got_i, got_v = screened(y, w, None, chunk)
+        want_i, want_v = ops.vocab_pass_argmax_reference(y, w, None, 0.0)
+        assert torch.equal(got_i, base + 1) and torch.equal(want_i, got_i)
+        assert torch.equal(got_v, want_v)
+    assert screen_stats()["exact_rows"] == before["exact_rows"]
+
+
+@needs_pass
+@needs_screen
+def test_screen_non_finite_and_huge_values():
+    g = torch.Generator().manual_seed(4)
+    rows, d, v = 10, 32, 700
+    y, w, b = torch.randn(rows, d, generator=g), torch.randn(v, d, generator=g), torch.randn(v, generator=g)
+    y[1] = float("nan")  # whole row
+    y[2, 5] = float("nan")
+    y[3, 7] = float("inf")
+    y[4, 0] = float("-inf")
+    y[5] = float("inf")
+    y[6, 3] = 3.4e38  # finite in fp32, inf in bf16: the screen's score overflows
+    y[7, :] = 1e38 * torch.sign(y[7])  # fp32 logits overflow
+    w[:, 3] = w[:, 3].clamp(-0.5, 0.5)
+    for chunk in (100, 701):
+        want_i, want_v = ops.vocab_pass_argmax_reference(y, w, b, 0.0)
+        before = screen_stats()
+        got_i, got_v = screened(y, w, b, chunk)
+        exact_i, _ = screened(y, w, b, chunk, screen=False)
+        after = screen_stats()
+        assert torch.equal(got_i, exact_i)
+        assert torch.equal(got_i[[0, 1, 2, 3, 4, 6, 8, 9]], want_i[[0, 1, 2, 3, 4, 6, 8, 9]])
+        assert torch.isnan(got_v[[1, 2]]).all() and (got_i[[1, 2]] == 0).all()  # NaN rows: the first NaN (0)
+        assert after["exact_rows"] - before["exact_rows"] >= 6  # rows 1-7 took the exact pass
+    for poison in ("nan", "inf"):  # non-finite W or bias: the whole call is exact, first NaN wins
+        w2, b2 = w.clone(), b.clone()
+        w2[300, 4] = float(poison)
+        b2[200] = float(poison)
+        for ww, bb in ((w2, b), (w, b2)):
+            want = ops.vocab_pass_argmax_reference(y[[0, 8, 9]], ww, bb, 0.0)
+            got = screened(y[[0, 8, 9]], ww, bb, 128)
+            assert torch.equal(got[0], want[0])
+            assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1]))
+
+
+@needs_pass
+@needs_screen
+def test_screen_switch(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    y, w, b = torch.randn(4, 6, 48, generator=g), torch.randn(2000, 48, generator=g), torch.randn(2000, generator=g)
+    with torch.no_grad():
+        before = screen_stats()
+        on = ops.vocab_pass_argmax(y, w, b, 0.0, chunk=512, backend="ext")
+        mid = screen_stats()
+        off = ops.vocab_pass_argmax(y, w, b, 0.0, chunk=512, backend="ext", screen=False)
+        monkeypatch.setenv("FLM_RT_SCREEN", "0")
+        env_off = ops.vocab_pass_argmax(y, w, b, 0.0, chunk=512, backend="ext")
+        capped = ops.vocab_pass_argmax(y, w, b, 30.0, chunk=512, backend="ext", screen=True)  # cap > 0: no screen
+        assert screen_stats()["calls"] == mid["calls"] == before["calls"] + 1
+        assert torch.equal(on[0], off[0]) and torch.equal(on[0], env_off[0]) and on[0].shape == (4, 6)
+        assert torch.equal(capped[0], ops.vocab_pass_argmax_reference(y, w, b, 30.0)[0])
+        monkeypatch.setenv("FLM_RT_SCREEN", "yes please")
+        with pytest.raises(flm_rt.errors.ConfigError, match="FLM_RT_SCREEN"):
+            ops.vocab_pass_argmax(y, w, b, 0.0, chunk=512, backend="ext")
+
+
+@needs_pass
+@needs_screen
+def test_screen_cache_follows_the_weight():
+    g = torch.Generator().manual_seed(9)
+    y, w = torch.randn(5, 24, generator=g), torch.randn(900, 24, generator=g)
+    first = screened(y, w, None, 256)[0]
+    w[700] = y[0] * 10  # in place: the cached bf16 chunks and norms must not be reused
+    got = screened(y, w, None, 256)[0]
+    assert got[0] == 700 and first[0] != 700
+    assert torch.equal(got, ops.vocab_pass_argmax_reference(y, w, None, 0.0)[0])
+
+
+@needs_pass
+def test_screen_without_bf16_packing_takes_the_exact_pass():
+    """oneDNN refuses bf16 weights under an AVX2 cap: the screened call is the exact pass (no screened rows)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from flm_rt import _C, ops\n"
+        "g = torch.Generator().manual_seed(1)\n"
+        "y, w = torch.randn(7, 64, generator=g), torch.randn(1000, 64, generator=g)\n"
+        "b = torch.randn(1000, generator=g)\n"
+        "with torch.no_grad():\n"
+        "    got = torch.ops.flm_rt.vocab_pass_argmax(y, w, b, 0.0, 300, True, True)[0]\n"
+        "    ref = torch.ops.flm_rt.vocab_pass_argmax(y, w, b, 0.0, 300, True, False)[0]\n"
+        "want = ops.vocab_pass_argmax_reference(y, w, b, 0.0)[0]\n"
+        "print(torch.equal(got, ref), torch.equal(got, want), _C.vocab_screen_stats()['calls'])\n"
+    )
+    import os
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "0"]
+
+
+@needs_pass
+def test_screen_opcheck():
+    g = torch.Generator().manual_seed(12)
+    y, w, b = torch.randn(2, 3, 16, generator=g), torch.randn(70, 16, generator=g), torch.randn(70, generator=g)
+    torch.library.opcheck(torch.ops.flm_rt.vocab_pass_argmax.default, (y, w, b, 0.0, 16, True, True))
+    torch.library.opcheck(torch.ops.flm_rt.vocab_pass_argmax.default, (y, w, None, 0.0, 16, True),
+                          {"screen": True})
+
+
+@needs_pass
+@needs_screen
+def test_screen_many_candidates():
+    """> 1024 candidates in a row: that row takes the exact pass; 800 candidates in the first chunk that a later
+    chunk's threshold rejects are pruned, and the row stays screened."""
+    g = torch.Generator().manual_seed(13)
+    y = torch.randint(-2, 3, (3, 32), generator=g).float()
+    w = torch.randint(-1, 2, (4000, 32), generator=g).float()
+    w[:1500] = y[0]  # row 0: 1500 exact ties (a candidate each) -> the exact pass, lowest index
+    w[1500:2300] = y[1]  # row 1: 800 ties in the first chunk (chunk 2500) ...
+    w[3000] = y[1] * 2  # ... and a clear winner in the second
+    before = screen_stats()
+    got_i, got_v = screened(y, w, None, 2500)
+    after = screen_stats()
+    want_i, want_v = ops.vocab_pass_argmax_reference(y, w, None, 0.0)
+    assert torch.equal(got_i, want_i) and torch.equal(got_v, want_v)
+    assert got_i[0] == 0 and got_i[1] == 3000
+    assert after["exact_rows"] - before["exact_rows"] == 1
+
+
+@needs_pass
+@needs_screen
+def test_screen_row_blocks():
+    """More rows than one screen block (1024): every block is screened against every chunk."""
+    g = torch.Generator().manual_seed(14)
+    y, w, b = torch.randn(2100, 16, generator=g), torch.randn(5000, 16, generator=g) / 4, torch.randn(5000, generator=g)
+    before = screen_stats()
+    got_i, got_v = screened(y, w, b, 4096)
+    after = screen_stats()
+    assert_clear_rows_match(y, w, b, got_i, got_v)
+    assert after["rows"] - before["rows"] == 2100 and after["exact_rows"] - before["exact_rows"] <= 5
+
+
+@needs_pass
+def test_empty_feature_dimension():
+    """D = 0: every logit is the bias (the rows were once counted as numel / D = 0, leaving the outputs unset)."""
+    y, w, b, e = torch.randn(3, 0), torch.randn(5, 0), torch.tensor([0.0, 2.0, -1.0, 2.0, 1.0]), torch.randn(5, 2)
+    with torch.no_grad():
+        for prepacked in (False, True):
+            for screen in (False, True):
+                i, v = torch.ops.flm_rt.vocab_pass_argmax(y, w, b, 0.0, 4, prepacked, screen)
+                assert torch.equal(i, torch.ones(3, dtype=torch.int64)) and torch.equal(v, torch.full((3,), 2.0))
+            got = torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, 0.0, 4, prepacked)
+            torch.testing.assert_close(got, ops.vocab_pass_embed_reference(y, w, b, e, 0.0))

@@ -419,6 +419,26 @@ void soft_cap_range_t(const CapParams& p, int64_t begin, int64_t end) {
   }
 }
 
+// ----------------------------------------------------------------------------- screened argmax
+// Lanes [0, n) of the screen's score s and bound e at g[v0 ..] (n <= kW; other lanes: s = 0, e = 0).
+struct ScreenLanes {
+  Vec s, e;
+};
+
+inline ScreenLanes screen_lanes(const ScreenRow& p, int64_t v0, int64_t n) {
+  const bool full = n == kW;
+  Vec g = p.g_kind == FloatKind::BF16
+              ? (full ? load_full(static_cast<const c10::BFloat16*>(p.g) + v0)
+                      : load_part(static_cast<const c10::BFloat16*>(p.g) + v0, n))
+              : (full ? Vec::loadu(static_cast<const float*>(p.g) + v0)
+                      : Vec::loadu(static_cast<const float*>(p.g) + v0, n));
+  if (p.bias) g = g + (full ? Vec::loadu(p.bias + v0) : Vec::loadu(p.bias + v0, n));
+  const Vec a = full ? Vec::loadu(p.colA + v0) : Vec::loadu(p.colA + v0, n);
+  const Vec b = full ? Vec::loadu(p.colB + v0) : Vec::loadu(p.colB + v0, n);
+  // every term >= 0, so the computed e is within 3 roundings of the exact one (the bound's margin covers that)
+  return {g, Vec(p.ny) * a + b + Vec(p.tau)};
+}
+
 }  // namespace
 
 void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -451,6 +471,85 @@ void soft_cap_range(const CapParams& p, int64_t begin, int64_t end) {
     case FloatKind::BF16: soft_cap_range_t<c10::BFloat16>(p, begin, end); break;
     case FloatKind::F16: soft_cap_range_t<c10::Half>(p, begin, end); break;
   }
+}
+
+bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi) {
+  Vec m(-kInf), nonfinite(0.0f);  // s * 0 is NaN exactly where s is inf or NaN
+  for (int64_t b0 = 0; b0 < p.n; b0 += kScreenBlock) {
+    const int64_t b1 = b0 + kScreenBlock < p.n ? b0 + kScreenBlock : p.n;
+    Vec h(-kInf);
+    for (int64_t v = b0; v < b1; v += kW) {
+      const int64_t n = b1 - v < kW ? b1 - v : kW;
+      const ScreenLanes l = screen_lanes(p, v, n);
+      nonfinite = nonfinite + l.s * Vec(0.0f);
+      // clamp_min: a plain max (NaN handling is not needed: a NaN s makes the row non-finite anyway)
+      if (n == kW) {
+        m = at::vec::clamp_min(l.s - l.e, m);
+        h = at::vec::clamp_min(l.s + l.e, h);
+      } else {
+        m = at::vec::clamp_min(Vec::set(Vec(-kInf), l.s - l.e, n), m);
+        h = at::vec::clamp_min(Vec::set(Vec(-kInf), l.s + l.e, n), h);
+      }
+    }
+    alignas(64) float hh[kW];
+    h.store(hh);
+    float bh = -kInf;
+    for (int64_t i = 0; i < kW; ++i) bh = hh[i] > bh ? hh[i] : bh;
+    block_hi[b0 / kScreenBlock] = bh;
+  }
+  alignas(64) float mm[kW];
+  alignas(64) float nf[kW];
+  m.store(mm);
+  nonfinite.store(nf);
+  float best = -kInf;
+  bool finite = true;
+  for (int64_t i = 0; i < kW; ++i) {
+    best = mm[i] > best ? mm[i] : best;
+    finite = finite && nf[i] == nf[i];
+  }
+  *lo_max = best;
+  return finite;
+}
+
+int64_t screen_collect(const ScreenRow& p, float T, const float* block_hi, int64_t v_offset, int32_t* idx, float* hi,
+                       int64_t count, int64_t cap) {
+  const Vec t(T);
+  for (int64_t b0 = 0; b0 < p.n; b0 += kScreenBlock) {
+    if (!(block_hi[b0 / kScreenBlock] >= T)) continue;  // no candidate in this block
+    const int64_t b1 = b0 + kScreenBlock < p.n ? b0 + kScreenBlock : p.n;
+    for (int64_t v = b0; v < b1; v += kW) {
+      const int64_t n = b1 - v < kW ? b1 - v : kW;
+      const ScreenLanes l = screen_lanes(p, v, n);
+      const Vec h = l.s + l.e;
+      // zero_mask: bit i set where lane i compared false (the comparison's true lanes are all-ones bit patterns)
+      uint64_t hit = ~static_cast<uint64_t>(static_cast<uint32_t>((h >= t).zero_mask())) &
+                     ((n >= 64 ? 0 : (uint64_t{1} << n)) - 1);
+      if (hit == 0) continue;
+      alignas(64) float hv[kW];
+      h.store(hv);
+      while (hit) {
+        const int i = __builtin_ctzll(hit);
+        hit &= hit - 1;
+        if (count >= cap) return -1;
+        idx[count] = static_cast<int32_t>(v_offset + v + i);
+        hi[count] = hv[i];
+        ++count;
+      }
+    }
+  }
+  return count;
+}
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+  Vec acc(0.0f);
+  int64_t k = 0;
+  for (; k + kW <= n; k += kW) acc = at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(b + k), acc);
+  if (k < n) acc = at::vec::fmadd(Vec::loadu(a + k, n - k), Vec::loadu(b + k, n - k), acc);
+  alignas(64) float lanes[kW];
+  acc.store(lanes);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < kW; ++i) sum += lanes[i];
+  return sum;
 }
 
 const char* describe() {

@@ -48,6 +48,19 @@ struct CapParams {
   FloatKind kind;
   float cap;               // > 0
 };
+// One row of one chunk of the screened argmax (vocab_pass.cpp): the screen score of entry v is
+// s = g[v] + bias[v] (fp32; g the bf16 or fp32 GEMM output), its error bound e = ny * colA[v] + colB[v] + tau.
+struct ScreenRow {
+  const void* g;           // [n], FloatKind g_kind (BF16 or F32)
+  FloatKind g_kind;
+  int64_t n;
+  const float* bias;       // [n] or nullptr
+  const float* colA;       // [n] >= 0
+  const float* colB;       // [n] >= 0
+  float ny, tau;           // >= 0, finite
+};
+
+constexpr int64_t kScreenBlock = 256;  // entries per block_hi element (a multiple of every vector width)
 
 #define FLM_RT_DECLARE_CPU_KERNELS(CAP)                                                              \
   namespace CAP {                                                                                    \
@@ -58,6 +71,15 @@ struct CapParams {
   void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row_end, float* scratch); \
   /* elements [begin, end) of p.x */                                                                \
   void soft_cap_range(const CapParams& p, int64_t begin, int64_t end);                               \
+  /* max over v of fl(s - e) into *lo_max (-inf for none), max of fl(s + e) over each kScreenBlock   */ \
+  /* entries into block_hi[ceil(n / kScreenBlock)]; false when some s is not finite                 */ \
+  bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi);                               \
+  /* appends the v (ascending, + v_offset) with fl(s + e) >= T to idx/hi from position count,        */ \
+  /* skipping blocks whose block_hi < T; returns the new count, or -1 as soon as it would exceed cap */ \
+  int64_t screen_collect(const ScreenRow& p, float T, const float* block_hi, int64_t v_offset,        \
+                         int32_t* idx, float* hi, int64_t count, int64_t cap);                       \
+  /* fp32 dot product (vectorised fused multiply-adds, lanes summed in a fixed order) */             \
+  float dot_f32(const float* a, const float* b, int64_t n);                                          \
   /* "AVX512 (-mavx512f ...), Vectorized<float> width 16" */                                         \
   const char* describe();                                                                            \
   }
