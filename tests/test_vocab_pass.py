@@ -540,3 +540,35 @@ def test_empty_feature_dimension():
                 assert torch.equal(i, torch.ones(3, dtype=torch.int64)) and torch.equal(v, torch.full((3,), 2.0))
             got = torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, 0.0, 4, prepacked)
             torch.testing.assert_close(got, ops.vocab_pass_embed_reference(y, w, b, e, 0.0))
+
+
+@needs_pass
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spread", ["saturated", "wide", "narrow", "specials"])
+def test_low_precision_capped_argmax_without_capping_every_entry(dtype, spread):
+    """bf16/fp16 with a cap: the kernel caps only what can be the maximum (the raw maximum, then the first entry
+    whose value caps to the same number). Rows built so that the rounding of the cap creates many ties (saturated
+    rows all cap to +-30) must give the reference's first index, through several chunk sizes."""
+    g = torch.Generator().manual_seed(hash(spread) % 1000)
+    rows, v = 64, 300
+    if spread == "saturated":
+        x = 60 + 240 * torch.rand(rows, v, generator=g)
+    elif spread == "wide":
+        x = torch.randn(rows, v, generator=g) * 40
+    elif spread == "narrow":
+        x = 20 + torch.randn(rows, v, generator=g) * 0.5
+    else:
+        x = torch.randn(rows, v, generator=g) * 40
+        x[0, 7] = float("nan")
+        x[1, :] = float("-inf")
+        x[2, 3] = float("inf")
+        x[3, ::5] = float("inf")
+        x[4, 150:] = float("nan")
+    y = x.to(dtype)
+    w = torch.eye(v, dtype=dtype)
+    want_i, want_v = ops.vocab_pass_argmax_reference(y, w, None, 30.0)
+    for chunk in (7, 64, 300, 1000):
+        got_i, got_v = kernel_argmax(y, w, None, 30.0, chunk, False)
+        assert torch.equal(got_i, want_i), (chunk, int((got_i != want_i).sum()))
+        assert torch.equal(got_v.isnan(), want_v.isnan())
+        assert torch.equal(got_v[~want_v.isnan()], want_v[~want_v.isnan()])

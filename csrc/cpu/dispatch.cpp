@@ -12,18 +12,18 @@ KernelTable make_table() {
   const std::string cap = at::get_cpu_capability();
 #if defined(FLM_RT_HAVE_CPU_AVX512)
   if (cap.find("AVX512") != std::string::npos) {
-    return {"AVX512", &AVX512::step_rows, &AVX512::argmax_rows, &AVX512::softcap_softmax_rows, &AVX512::soft_cap_range,
+    return {"AVX512", &AVX512::step_rows, &AVX512::argmax_rows, &AVX512::softcap_softmax_rows,
             &AVX512::screen_max, &AVX512::screen_collect, &AVX512::dot_f32, &AVX512::describe};
   }
 #endif
 #if defined(FLM_RT_HAVE_CPU_AVX2)
   if (cap.find("AVX2") != std::string::npos || cap.find("AVX512") != std::string::npos) {
-    return {"AVX2", &AVX2::step_rows, &AVX2::argmax_rows, &AVX2::softcap_softmax_rows, &AVX2::soft_cap_range,
+    return {"AVX2", &AVX2::step_rows, &AVX2::argmax_rows, &AVX2::softcap_softmax_rows,
             &AVX2::screen_max, &AVX2::screen_collect, &AVX2::dot_f32, &AVX2::describe};
   }
 #endif
   (void)cap;
-  return {"DEFAULT", &DEFAULT::step_rows, &DEFAULT::argmax_rows, &DEFAULT::softcap_softmax_rows, &DEFAULT::soft_cap_range,
+  return {"DEFAULT", &DEFAULT::step_rows, &DEFAULT::argmax_rows, &DEFAULT::softcap_softmax_rows,
             &DEFAULT::screen_max, &DEFAULT::screen_collect, &DEFAULT::dot_f32, &DEFAULT::describe};
 }
 }  // namespace
@@ -31,12 +31,6 @@ KernelTable make_table() {
 const KernelTable& kernels() {
   static const KernelTable table = make_table();
   return table;
-}
-
-void soft_cap_(void* x, FloatKind kind, int64_t n, float cap) {
-  const auto& k = kernels();
-  const CapParams p{x, kind, cap};
-  at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) { k.soft_cap_range(p, b, e); });
 }
 
 void argmax_rows_parallel(const ArgmaxParams& p, int64_t rows) {

@@ -15,7 +15,6 @@ struct KernelTable {
   void (*step_rows)(const StepParams&, int64_t, int64_t, float*);
   void (*argmax_rows)(const ArgmaxParams&, int64_t, int64_t);
   void (*softcap_softmax_rows)(const SoftmaxParams&, int64_t, int64_t, float*);
-  void (*soft_cap_range)(const CapParams&, int64_t, int64_t);
   bool (*screen_max)(const ScreenRow&, float*, float*);
   int64_t (*screen_collect)(const ScreenRow&, float, const float*, int64_t, int32_t*, float*, int64_t, int64_t);
   float (*dot_f32)(const float*, const float*, int64_t);
@@ -37,10 +36,6 @@ inline FloatKind float_kind(c10::ScalarType t) {
     default: return FloatKind::F32;
   }
 }
-
-// x <- cap * tanh(x / cap) in place (x contiguous float32 / bfloat16 / float16, cap > 0), bit for bit the ATen ops
-// x.div_(cap).tanh_().mul_(cap) in x's dtype, in one pass with at::parallel_for.
-void soft_cap_(void* x, FloatKind kind, int64_t n, float cap);
 
 // kernels().argmax_rows over rows [0, rows) with at::parallel_for.
 void argmax_rows_parallel(const ArgmaxParams& p, int64_t rows);

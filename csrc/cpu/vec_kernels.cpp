@@ -258,10 +258,20 @@ void argmax_row(const T* x, int64_t V, int64_t* idx_out, T* val_out) {
   *val_out = x[best_i];
 }
 
+// (defined below, with the cap's helpers)
+template <typename T>
+void capped_argmax_row(const T* x, int64_t V, float cap, int64_t* idx_out, T* val_out);
+
 template <typename T>
 void argmax_rows_t(const ArgmaxParams& p, int64_t r0, int64_t r1) {
   const T* x = static_cast<const T*>(p.x);
   T* vals = static_cast<T*>(p.values);
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.cap > 0) {
+      for (int64_t r = r0; r < r1; ++r) capped_argmax_row<T>(x + r * p.V, p.V, p.cap, p.indices + r, vals + r);
+      return;
+    }
+  }
   for (int64_t r = r0; r < r1; ++r) argmax_row<T>(x + r * p.V, p.V, p.indices + r, vals + r);
 }
 
@@ -377,10 +387,16 @@ void softcap_softmax_rows_t(const SoftmaxParams& p, int64_t r0, int64_t r1, floa
 }
 
 // ---------------------------------------------------------------------------------------------
-// soft_cap: x <- cap * tanh(x / cap) in place, bit for bit what the three ATen ops x.div_(cap).tanh_().mul_(cap)
+// soft_cap in bf16 / fp16: cap * tanh(x / cap), bit for bit what the three ATen ops x.div_(cap).tanh_().mul_(cap)
 // give in x's dtype: each op computed in float32 (true division; SLEEF's 1-ULP tanh, which ATen's vectorised
-// tanh uses too) and rounded to the storage dtype (round to nearest even) before the next. One pass instead of
-// three, so the low-precision logits' ties resolve exactly as in the reference (tests/test_vocab_pass.py).
+// tanh uses too) and rounded to the storage dtype (round to nearest even) before the next.
+//
+// The argmax of the capped row without capping it (argmax_row with cap > 0): the cap is non-decreasing, also
+// with its roundings, so the capped row's maximum is c = cap(m), m the raw maximum, and its first index is the
+// first element >= t, t the smallest value of the dtype with cap(t) == c (a binary search over the dtype's
+// ordered bit patterns, ~16 evaluations). Ties that the rounding creates resolve as in the reference (first
+// index); a NaN anywhere is the raw pass's first NaN, as cap(NaN) = NaN. One raw pass and a short scan instead
+// of a tanh per element (tests/test_vocab_pass.py checks the bits of cap and the ids against ATen's).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 inline Vec round_to(const Vec& v) {
@@ -398,25 +414,72 @@ inline Vec soft_cap_rounded(const Vec& x, const Vec& vcap) {
   return round_to<T>(b * vcap);
 }
 
+// bf16 / fp16 bit patterns <-> an integer key in the order of their values (both zeros -> 0)
+inline int32_t order_key(uint16_t bits) { return (bits & 0x8000) ? -int32_t(bits & 0x7FFF) : int32_t(bits); }
+inline uint16_t key_bits(int32_t key) { return key >= 0 ? uint16_t(key) : uint16_t(0x8000 | uint16_t(-key)); }
+
 template <typename T>
-void soft_cap_range_t(const CapParams& p, int64_t begin, int64_t end) {
-  T* x = static_cast<T*>(p.x);
-  const Vec vcap(p.cap);
-  int64_t j = begin;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + kW <= end; j += kW) soft_cap_rounded<T>(Vec::loadu(x + j), vcap).store(x + j);
-    if (j < end) soft_cap_rounded<T>(Vec::loadu(x + j, end - j), vcap).store(x + j, end - j);
-  } else {
-    for (; j + 2 * kW <= end; j += 2 * kW) {
-      const auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x + j));
-      at::vec::convert_from_float<T>(soft_cap_rounded<T>(a, vcap), soft_cap_rounded<T>(b, vcap)).store(x + j);
-    }
-    if (j < end) {
-      const int64_t n = end - j;
-      const auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x + j, n));
-      at::vec::convert_from_float<T>(soft_cap_rounded<T>(a, vcap), soft_cap_rounded<T>(b, vcap)).store(x + j, n);
+inline T from_bits(uint16_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline uint16_t to_bits(T v) {
+  uint16_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
+template <typename T>
+inline float cap_one(float x, const Vec& vcap) {  // the vector code's bits for one value
+  alignas(64) float out[kW];
+  soft_cap_rounded<T>(Vec(x), vcap).store(out);
+  return out[0];
+}
+
+template <typename T>
+void capped_argmax_row(const T* x, int64_t V, float cap, int64_t* idx_out, T* val_out) {
+  int64_t i_raw;
+  T m;
+  argmax_row<T>(x, V, &i_raw, &m);
+  if (std::isnan(static_cast<float>(m))) {  // the first NaN, as for the capped row
+    *idx_out = i_raw;
+    *val_out = m;
+    return;
+  }
+  const Vec vcap(cap);
+  const float c = cap_one<T>(static_cast<float>(m), vcap);
+  // smallest key in [key(-inf), key(m)] whose value caps to c (cap is non-decreasing: a binary search)
+  int32_t lo = order_key(to_bits(static_cast<T>(-kInf))), hi = order_key(to_bits(m));
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (cap_one<T>(static_cast<float>(from_bits<T>(key_bits(mid))), vcap) >= c) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
     }
   }
+  const float t = static_cast<float>(from_bits<T>(key_bits(lo)));
+  int64_t first = i_raw;  // the first index with x >= t lies at or before the raw maximum's
+  if (t < static_cast<float>(m)) {
+    const Vec vt(t);
+    for (int64_t j = 0; j < i_raw; j += kW) {
+      const int64_t n = std::min<int64_t>(kW, i_raw - j);
+      const Vec v = n == kW ? load_full(x + j) : load_part(x + j, n);
+      alignas(64) float ge[kW];
+      Vec::blendv(Vec(0.0f), Vec(1.0f), v >= vt).store(ge);
+      int64_t k = 0;
+      while (k < n && ge[k] == 0.0f) ++k;
+      if (k < n) {
+        first = j + k;
+        break;
+      }
+    }
+  }
+  *idx_out = first;
+  *val_out = static_cast<T>(c);
 }
 
 // ----------------------------------------------------------------------------- screened argmax
@@ -462,14 +525,6 @@ void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row
     case FloatKind::F32: softcap_softmax_rows_t<float>(p, row_begin, row_end, scratch); break;
     case FloatKind::BF16: softcap_softmax_rows_t<c10::BFloat16>(p, row_begin, row_end, scratch); break;
     case FloatKind::F16: softcap_softmax_rows_t<c10::Half>(p, row_begin, row_end, scratch); break;
-  }
-}
-
-void soft_cap_range(const CapParams& p, int64_t begin, int64_t end) {
-  switch (p.kind) {
-    case FloatKind::F32: soft_cap_range_t<float>(p, begin, end); break;
-    case FloatKind::BF16: soft_cap_range_t<c10::BFloat16>(p, begin, end); break;
-    case FloatKind::F16: soft_cap_range_t<c10::Half>(p, begin, end); break;
   }
 }
 

@@ -32,6 +32,7 @@ struct ArgmaxParams {
   int64_t V;
   int64_t* indices;        // [rows]
   void* values;            // [rows], same dtype as x
+  float cap = 0.0f;        // > 0 (bf16 / fp16 x only): of cap * tanh(x / cap) as computed in x's dtype
 };
 
 struct SoftmaxParams {
@@ -43,11 +44,7 @@ struct SoftmaxParams {
   float cap;
 };
 
-struct CapParams {
-  void* x;                 // n contiguous elements, FloatKind kind, overwritten with cap * tanh(x / cap)
-  FloatKind kind;
-  float cap;               // > 0
-};
+
 // One row of one chunk of the screened argmax (vocab_pass.cpp): the screen score of entry v is
 // s = g[v] + bias[v] (fp32; g the bf16 or fp32 GEMM output), its error bound e = ny * colA[v] + colB[v] + tau.
 struct ScreenRow {
@@ -69,8 +66,6 @@ constexpr int64_t kScreenBlock = 256;  // entries per block_hi element (a multip
   void argmax_rows(const ArgmaxParams& p, int64_t row_begin, int64_t row_end);                       \
   /* scratch: at least L floats, private to the calling thread */                                    \
   void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row_end, float* scratch); \
-  /* elements [begin, end) of p.x */                                                                \
-  void soft_cap_range(const CapParams& p, int64_t begin, int64_t end);                               \
   /* max over v of fl(s - e) into *lo_max (-inf for none), max of fl(s + e) over each kScreenBlock   */ \
   /* entries into block_hi[ceil(n / kScreenBlock)]; false when some s is not finite                 */ \
   bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi);                               \

@@ -194,16 +194,6 @@ struct ChunkedProjection {
   }
 };
 
-// lg.div_(cap).tanh_().mul_(cap) (lg contiguous): in one vectorised pass for bf16 / fp16 (the same bits: each op
-// rounded to the dtype, SLEEF's tanh as ATen's); float32 keeps ATen's ops (its fp32 tanh is MKL's, not SLEEF's).
-void soft_cap_(at::Tensor& lg, double cap) {
-  if (lg.scalar_type() == at::kFloat) {
-    lg.div_(cap).tanh_().mul_(cap);
-  } else {
-    cpu::soft_cap_(lg.data_ptr(), cpu::float_kind(lg.scalar_type()), lg.numel(), static_cast<float>(cap));
-  }
-}
-
 std::vector<int64_t> row_sizes(const at::Tensor& y) {
   auto s = y.sizes().vec();
   s.pop_back();
@@ -221,8 +211,13 @@ void exact_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const std
   const at::Tensor cv_f = at::empty({s.rows}, y2.options().dtype(at::kFloat));
   for (int64_t c = 0; c < proj.count(); ++c) {
     at::Tensor lg = proj.logits(c);
-    if (cap > 0) soft_cap_(lg, cap);  // same ops, same rounding as flm_rt.model.softcap_logits
+    // The soft-cap: same ops, same rounding as flm_rt.model.softcap_logits. bf16 / fp16: inside the argmax
+    // kernel, which caps only what can be the maximum (the same bits and ties); fp32: ATen's ops (its fp32
+    // tanh is MKL's, whose bits the kernel's SLEEF tanh would not reproduce).
+    const bool low = lg.scalar_type() != at::kFloat;
+    if (cap > 0 && !low) lg.div_(cap).tanh_().mul_(cap);
     cpu::ArgmaxParams p{};
+    if (cap > 0 && low) p.cap = static_cast<float>(cap);
     p.x = lg.const_data_ptr();
     p.kind = cpu::float_kind(lg.scalar_type());
     p.V = lg.size(1);
