@@ -288,8 +288,6 @@ void argmax_rows_t(const ArgmaxParams& p, int64_t r0, int64_t r1) {
 // ---------------------------------------------------------------------------------------------
 inline Vec fast_tanh(const Vec& y) {
   const Vec a = y.abs();
-  const Vec t = (a * Vec(-2.0f)).exp_u20();
-  const Vec big = (Vec(1.0f) - t) / (Vec(1.0f) + t);
   const Vec y2 = y * y;
   // y (1 - y^2/3 + 2y^4/15 - 17y^6/315 + 62y^8/2835 - 1382y^10/155925)
   Vec p = at::vec::fmadd(y2, Vec(-1382.0f / 155925.0f), Vec(62.0f / 2835.0f));
@@ -297,9 +295,13 @@ inline Vec fast_tanh(const Vec& y) {
   p = at::vec::fmadd(p, y2, Vec(2.0f / 15.0f));
   p = at::vec::fmadd(p, y2, Vec(-1.0f / 3.0f));
   const Vec small = at::vec::fmadd(p * y2, y, y);
-  // copysign(big, y) for |y| >= 1/4 (NaN stays NaN: both branches are NaN)
+  const Vec is_big = a >= Vec(0.25f);  // all-ones lanes where true (NaN: false, and the series keeps it NaN)
+  if (is_big.zero_mask() == (1 << kW) - 1) return small;  // typical attention scores: no lane needs the exp
+  const Vec t = (a * Vec(-2.0f)).exp_u20();
+  const Vec big = (Vec(1.0f) - t) / (Vec(1.0f) + t);
+  // copysign(big, y) for |y| >= 1/4
   const Vec signed_big = Vec::blendv(big, Vec(0.0f) - big, y < Vec(0.0f));
-  return Vec::blendv(signed_big, small, a < Vec(0.25f));
+  return Vec::blendv(small, signed_big, is_big);
 }
 
 template <bool kFast>
