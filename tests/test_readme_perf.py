@@ -44,6 +44,15 @@ def test_the_newest_result_set_of_each_machine_fills_the_table(tmp_path):
     assert "900 ms" not in table  # the older set of the same machine
     assert "| 2.50 s | **1.25 s (2.00x)**, ids 75.0% = reference |" in rows[1]
     assert "`bench/results/cpu-a/results.json` (commit abc1234)" in table
+    # the fastest mode's column, and the autoregressive baseline against both flm_rt rows
+    extra = [{"shape": "owt", "row": "flm_rt", "steps": 1, "batch": 1, "status": "ok", "median_s": 2.0},
+             {"shape": "owt", "row": readme.FASTEST, "steps": 1, "batch": 1, "status": "ok", "median_s": 0.5},
+             {"shape": "owt", "row": "autoregressive", "steps": None, "batch": 1, "status": "ok", "median_s": 50.0}]
+    data = json.loads((res / "cpu-a" / "results.json").read_text())
+    data["results"] += extra
+    (res / "cpu-a" / "results.json").write_text(json.dumps(data))
+    owt = [line for line in readme.render_table(str(res), str(tmp_path)).splitlines() if "| owt, 1 step, B 1 |" in line]
+    assert len(owt) == 1 and "| 500 ms | 50.0 s (flm_rt 25x faster; bf16 + embedding 100x faster) |" in owt[0]
     assert "bench/results/cpu-b/deep/run/results.json" in table and "serve" not in table
 
 
