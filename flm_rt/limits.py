@@ -219,3 +219,14 @@ def check_request_memory(nbytes: int, device, what: str) -> None:
     if avail is not None and nbytes > avail:
         raise GenerationError(f"{what} needs about {gib(nbytes)} of working memory but only {gib(avail)} is "
                               f"available on {device}; use fewer samples or a shorter seq_len")
+
+
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment variable (``FLM_RT_PREPACK``, ``FLM_RT_FUSED_VOCAB``, ``FLM_RT_SCREEN``): 0/1,
+    false/true or off/on in any case; unset or empty gives ``default``; anything else is a ConfigError naming it."""
+    v = os.environ.get(name, "").strip().lower()
+    if v == "":
+        return default
+    if v not in ("0", "1", "false", "true", "off", "on"):
+        raise ConfigError(f"flm_rt: {name} must be 0 or 1, got {v!r:.40}")
+    return v in ("1", "true", "on")

@@ -44,6 +44,7 @@ import torch
 
 from . import _ext, prepack, tracing
 from .errors import ConfigError, DeviceError
+from .limits import env_switch
 from .spec import LOGIT_SOFTCAP
 
 __all__ = [
@@ -373,12 +374,7 @@ def _pass_prepacked(dtype: torch.dtype) -> bool:
 
 def screen_enabled(screen: Optional[bool] = None) -> bool:
     """The switch of the screened fp32 argmax: ``screen``, else env ``FLM_RT_SCREEN`` (default 1)."""
-    if screen is not None:
-        return bool(screen)
-    v = os.environ.get("FLM_RT_SCREEN", "1").strip().lower()
-    if v not in ("0", "1", "false", "true", "off", "on", ""):
-        raise ConfigError(f"flm_rt: FLM_RT_SCREEN must be 0 or 1, got {v!r}")
-    return v not in ("0", "false", "off")
+    return bool(screen) if screen is not None else env_switch("FLM_RT_SCREEN")
 
 
 def _pass_screen(y: torch.Tensor, cap: float, prepacked: bool, screen: Optional[bool]) -> bool:

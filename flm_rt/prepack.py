@@ -16,14 +16,13 @@ of the weights in memory while it is on.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .limits import env_switch
 from .tracing import is_capturing
 
 __all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_inference"]
@@ -44,10 +43,7 @@ def set_enabled(enabled: bool) -> None:
 def is_enabled() -> bool:
     global _ENABLED
     if _ENABLED is None:
-        v = os.environ.get("FLM_RT_PREPACK", "1").strip().lower()
-        if v not in ("0", "1", "false", "true", "off", "on", ""):
-            raise ConfigError(f"flm_rt: FLM_RT_PREPACK must be 0 or 1, got {v!r:.40}")
-        _ENABLED = v not in ("0", "false", "off")
+        _ENABLED = env_switch("FLM_RT_PREPACK")
     return _ENABLED and _HAVE_ONEDNN_LINEAR
 
 

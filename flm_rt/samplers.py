@@ -16,15 +16,14 @@ Gaussian draws are consumed in SPEC order: z_0, then eps_0, eps_1, ... only for 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import nvtx, ops, tracing
-from .errors import ConfigError, GenerationError
-from .limits import MAX_STEPS, brief
+from .errors import GenerationError
+from .limits import MAX_STEPS, brief, env_switch
 from .model import Denoiser, softcap_logits
 from .schedule import alpha_of_gamma, gamma_grid
 from .spec import FLM_EULER_EPS, LOGIT_SOFTCAP
@@ -120,12 +119,7 @@ def output_ids(logits: torch.Tensor, *, kernels: Optional[str] = None) -> torch.
 
 def fused_vocab_pass(fused: Optional[bool] = None) -> bool:
     """Whether run_plan uses the fused vocabulary pass: ``fused``, else env ``FLM_RT_FUSED_VOCAB`` (default 1)."""
-    if fused is not None:
-        return bool(fused)
-    v = os.environ.get("FLM_RT_FUSED_VOCAB", "1").strip().lower()
-    if v not in ("0", "1", "false", "true", "off", "on", ""):
-        raise ConfigError(f"flm_rt: FLM_RT_FUSED_VOCAB must be 0 or 1, got {v!r}")
-    return v not in ("0", "false", "off")
+    return bool(fused) if fused is not None else env_switch("FLM_RT_FUSED_VOCAB")
 
 
 def _projection(denoiser: Denoiser, y: torch.Tensor):

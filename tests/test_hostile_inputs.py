@@ -586,3 +586,16 @@ def test_floods_stay_within_memory(loader_worker, tmp_path):
         assert r.outcome in ("flm", "loaded") and r.peak_bytes < 256 * MiB, (name, r.outcome, r.msg, r.peak_bytes)
     r = loader_worker.run(tmp_path / "classes.ckpt", timeout=60)
     assert "more than 10000 different classes" in r.msg
+
+
+def test_env_switch_reads_on_off_and_refuses_anything_else(monkeypatch):
+    from flm_rt.limits import env_switch
+
+    monkeypatch.delenv("FLM_RT_TEST_SWITCH", raising=False)
+    assert env_switch("FLM_RT_TEST_SWITCH") is True and env_switch("FLM_RT_TEST_SWITCH", default=False) is False
+    for value, want in (("0", False), (" OFF ", False), ("false", False), ("1", True), ("On", True), ("", True)):
+        monkeypatch.setenv("FLM_RT_TEST_SWITCH", value)
+        assert env_switch("FLM_RT_TEST_SWITCH") is want, value
+    monkeypatch.setenv("FLM_RT_TEST_SWITCH", "2")
+    with pytest.raises(flm_rt.ConfigError, match="FLM_RT_TEST_SWITCH must be 0 or 1, got '2'"):
+        env_switch("FLM_RT_TEST_SWITCH")
