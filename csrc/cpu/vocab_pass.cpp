@@ -75,11 +75,32 @@ PassShape check_pass_inputs(const char* op, const at::Tensor& y, const at::Tenso
 // Reordered (oneDNN blocked) copies of row chunks of a weight, cached per weight tensor. An entry holds a weak
 // reference to the weight's TensorImpl and its version counter and data pointer, so a freed, replaced or
 // modified-in-place weight is never served from a stale entry; dead entries are dropped on the next insert.
-struct PackedEntry {
+// What a cached entry was made from: alive, at the same address, unmodified and cut in the same chunks.
+struct WeightKey {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
   const void* data;
   uint32_t version;
   int64_t chunk;
+
+  static WeightKey of(const at::Tensor& w, int64_t chunk) {
+    return {c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
+            w.const_data_ptr(), w._version(), chunk};
+  }
+  bool fresh_for(const at::Tensor& w, int64_t chunk_) const {
+    auto alive = owner.lock();
+    return alive.get() == w.unsafeGetTensorImpl() && data == w.const_data_ptr() && version == w._version() &&
+           chunk == chunk_;
+  }
+};
+
+// Drops the entries of weights that no longer exist (key(entry) -> its WeightKey).
+template <typename Map, typename Key>
+void drop_dead(Map& cache, Key key) {
+  for (auto e = cache.begin(); e != cache.end();) e = key(e->second).owner.expired() ? cache.erase(e) : std::next(e);
+}
+
+struct PackedEntry {
+  WeightKey key;
   std::vector<at::Tensor> packed;
 };
 
@@ -134,19 +155,12 @@ at::Tensor packed_linear(const at::Tensor& y, const at::Tensor& packed, const st
 // The chunks of `w` [V, D] (transposed=false: [chunk, D] pieces as linear weights [out, in]) or of `w` [V, De]
 // used as x @ w (transposed=true: pieces [De, chunk] = w[v0:v1].T).
 const std::vector<at::Tensor>& packed_chunks(const at::Tensor& w, int64_t chunk, bool transposed) {
-  const uint32_t version = w._version();
   std::lock_guard<std::mutex> lock(g_pack_mutex);
   auto& cache = pack_cache(transposed);
   auto it = cache.find(w.unsafeGetTensorImpl());
-  if (it != cache.end()) {
-    auto owner = it->second.owner.lock();
-    if (owner.get() == w.unsafeGetTensorImpl() && it->second.data == w.const_data_ptr() &&
-        it->second.version == version && it->second.chunk == chunk)
-      return it->second.packed;
-  }
-  for (auto e = cache.begin(); e != cache.end();) e = e->second.owner.expired() ? cache.erase(e) : std::next(e);
-  PackedEntry entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
-                    w.const_data_ptr(), version, chunk, {}};
+  if (it != cache.end() && it->second.key.fresh_for(w, chunk)) return it->second.packed;
+  drop_dead(cache, [](const PackedEntry& e) -> const WeightKey& { return e.key; });
+  PackedEntry entry{WeightKey::of(w, chunk), {}};
   const int64_t V = w.size(0);
   at::NoGradGuard no_grad;
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
@@ -306,10 +320,7 @@ std::vector<double> row_norms(const float* x, int64_t R, int64_t D) {
 
 // bf16 packed chunks of a float32 weight with its per-entry bound columns, cached per weight as the fp32 chunks
 struct ScreenEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
-  const void* data;
-  uint32_t version;
-  int64_t chunk;
+  WeightKey key;
   bool usable;                      // packed, and every ||w_v|| bound finite
   std::vector<at::Tensor> packed;   // bf16 [chunk, D] pieces, oneDNN layout
   std::vector<float> colA, tau_w;   // kappa ||w_v||, tau(||w_v||), rounded up
@@ -321,20 +332,11 @@ std::unordered_map<const c10::TensorImpl*, std::shared_ptr<const ScreenEntry>> g
 // (a shared_ptr: a concurrent call that replaces the entry does not free it under this one)
 std::shared_ptr<const ScreenEntry> screen_weight(const at::Tensor& w, int64_t chunk) {
   if (!can_prepack(w) || w.scalar_type() != at::kFloat) return nullptr;
-  const uint32_t version = w._version();
   std::lock_guard<std::mutex> lock(g_screen_mutex);
   auto it = g_screen_cache.find(w.unsafeGetTensorImpl());
-  if (it != g_screen_cache.end()) {
-    const ScreenEntry& old = *it->second;
-    auto owner = old.owner.lock();
-    if (owner.get() == w.unsafeGetTensorImpl() && old.data == w.const_data_ptr() && old.version == version &&
-        old.chunk == chunk)
-      return it->second;
-  }
-  for (auto e = g_screen_cache.begin(); e != g_screen_cache.end();)
-    e = e->second->owner.expired() ? g_screen_cache.erase(e) : std::next(e);
-  ScreenEntry entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
-                    w.const_data_ptr(), version, chunk, true, {}, {}, {}};
+  if (it != g_screen_cache.end() && it->second->key.fresh_for(w, chunk)) return it->second;
+  drop_dead(g_screen_cache, [](const std::shared_ptr<const ScreenEntry>& e) -> const WeightKey& { return e->key; });
+  ScreenEntry entry{WeightKey::of(w, chunk), true, {}, {}, {}};
   at::NoGradGuard no_grad;
   const at::Tensor wc = w.contiguous();
   const int64_t V = w.size(0), D = w.size(1);
