@@ -128,6 +128,9 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     for r in ok:
         assert r.median_s > 0 and r.per_token_ms > 0 and r.flops_per_sample > 0 and r.weight_bytes > 0
         assert r.frac_peak is not None and r.min_s <= r.median_s <= r.max_s
+        before, after = r.extra["adjacent_rate_gflops"]  # measured around this case, in the row's dtype
+        assert before > 0 and after > 0 and r.adjacent_tflops == pytest.approx(max(before, after) / 1e3, rel=1e-3)
+        assert r.frac_adjacent == pytest.approx(r.achieved_tflops / r.adjacent_tflops)
         if r.row in ("flm_rt", "flm_rt[torch-kernels]"):
             assert r.tokens_match_reference == 1.0
     written = write_report(results, suite.meta, str(tmp_path))
@@ -135,7 +138,7 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["peak_tflops"] == pytest.approx(rates["float32"]["best"] / 1e3) and len(data["results"]) == 9
-    assert "| tiny | flm_rt | 1 |" in written["markdown"]
+    assert "| tiny | flm_rt | 1 |" in written["markdown"] and "eff. % adjacent" in written["markdown"]
     assert "Per-GEMM profile" in written["markdown"] and "prepacked oneDNN GFLOP/s" in written["markdown"]
     assert not (tmp_path / "throughput_vs_batch.png").exists()  # one batch size only
 

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-size", type=int, default=None, metavar="N",
                    help="size of the square products that measure the machine's matmul rates (default 2048 on "
                         "CPU, 8192 on GPU)")
+    p.add_argument("--no-adjacent-rate", action="store_true",
+                   help="CPU: do not measure the matmul rate right before and after each case (saves ~1-2 s a case)")
     cli_args.add_seed(p)
     p.add_argument("--out", default=None, help="output directory (default bench/results/<device-name>)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -151,6 +153,7 @@ def settings_from_args(args):
         s.cases = args.cases
     s.ar_tokens = args.ar_tokens
     s.rate_n = args.rate_size
+    s.adjacent_rate = not args.no_adjacent_rate
     if args.threads:
         torch.set_num_threads(args.threads)
     return s

@@ -76,8 +76,8 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
                                                                     if meta.get("model_path") else ""))
         lines.append("")
     lines.append("| shape | row | steps | B | L | V | median ms | min-max ms | IQR ms | ms/token | tokens/s | "
-                 "GFLOP/sample | TFLOP/s | efficiency % | weights MB | ids = reference | note |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                 "GFLOP/sample | TFLOP/s | efficiency % | eff. % adjacent | weights MB | ids = reference | note |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         note = ""
         if r["status"] != "ok":
@@ -106,6 +106,7 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
             f"{_fmt(r.get('per_token_ms'), '.4f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
             f"{_fmt(r.get('flops_per_sample') and r['flops_per_sample'] / 1e9, ',.1f')} | "
             f"{_fmt(r.get('achieved_tflops'), '.3f')} | {_fmt(r.get('frac_peak') and 100 * r['frac_peak'], '.1f')} | "
+            f"{_fmt(r.get('frac_adjacent') and 100 * r['frac_adjacent'], '.1f')} | "
             f"{_fmt(r.get('weight_bytes') and r['weight_bytes'] / 1e6, ',.0f')} | "
             f"{_fmt(match and 100 * match, '.1f') + ('%' if match is not None else '')} | {note} |")
     return "\n".join(lines) + "\n"
@@ -293,8 +294,9 @@ def write_report(results: Sequence, meta: dict, out_dir: str, *, record_history:
            "GFLOP/sample counts the matmuls (dense V-space embedding, blocks, attention, output projection) for all "
            "steps; state updates are memory-bound and not counted; the embedding-noise row counts its own process "
            "(no V-space embedding, P @ E per intermediate step). Efficiency = GFLOP / (median x the machine's best "
-           "matrix-product rate for the row's dtype, measured in this run). Raw numbers, timings and notes: "
-           "results.json.\n")
+           "matrix-product rate for the row's dtype, measured in this run); eff. % adjacent: the same against that "
+           "rate measured right before and right after the case (the higher; results.json has both), which follows "
+           "the machine's state during the case on a shared VM. Raw numbers, timings and notes: results.json.\n")
     rt = rates_table(meta)
     if rt:
         md += "\n## Matrix-product rates of this machine (this run)\n\n" + rt

@@ -231,6 +231,7 @@ class BenchSettings:
     command: Optional[str] = None       # the command line that made this run (recorded in the results)
     gemm_profile: bool = True           # time each GEMM of one network call per (shape, batch)
     rate_n: Optional[int] = None        # size of the square products that set the machine's rates (2048 CPU)
+    adjacent_rate: bool = True          # CPU: also measure the rate right before and right after each case
 
 
 @dataclass
@@ -261,6 +262,8 @@ class CaseResult:
     peak_tflops: Optional[float] = None
     frac_peak: Optional[float] = None   # efficiency: the row's own FLOPs / (median x the best GEMM rate of its dtype)
     rate_dtype: Optional[str] = None    # the dtype whose best GEMM rate frac_peak is measured against
+    adjacent_tflops: Optional[float] = None  # that rate measured right before / after this case (the higher)
+    frac_adjacent: Optional[float] = None    # efficiency against adjacent_tflops
     weight_bytes: Optional[int] = None
     noise: Optional[str] = None         # "pre-drawn" | "drawn in the loop"
     tokens_match_reference: Optional[float] = None
@@ -568,11 +571,17 @@ class Suite:
                 raise _Skip("exported graphs take explicit noise, which does not fit in memory here")
             fn = self._export_runner(res, model, noise, steps, s)
 
+        before = self._adjacent_rate(res.rate_dtype or res.dtype)
         t = time_calls(fn, self.device, repeats=self.s.repeats, warmup=self.s.warmup, max_total_s=self.s.max_case_s)
+        after = self._adjacent_rate(res.rate_dtype or res.dtype)
         times, ids = t.times_s, t.out
         space = "embedding" if res.row in EMB_ROWS else "vocab"
         res.extra["flops_counted"] = f"{space}-space process"
         self._finish(res, times, flops_per_sample(cfg, steps, L, space), weight_bytes(model))
+        if before is not None and after is not None:
+            res.extra["adjacent_rate_gflops"] = [round(before, 1), round(after, 1)]
+            res.adjacent_tflops = max(before, after) / 1e3
+            res.frac_adjacent = res.achieved_tflops / res.adjacent_tflops
         ids = torch.as_tensor(ids).to("cpu", torch.int64)
         key = (res.shape, steps, b)
         if res.row == "reference":
@@ -585,6 +594,14 @@ class Suite:
         if bf16 and (space, *key) in self._fp32_ids:
             res.extra["tokens_match_fp32"] = float((ids == self._fp32_ids[(space, *key)]).float().mean())
             res.extra["native_bf16"] = native_bf16_summary()
+
+    def _adjacent_rate(self, dtype_name: str) -> Optional[float]:
+        """The best square-GEMM rate of ``dtype_name`` (GFLOP/s) measured now (CPU, ``adjacent_rate`` on): taken
+        right before and right after a case, it sets an efficiency against the machine as it was during the
+        case, which on a shared VM can differ from the run's start and end by tens of percent."""
+        if not self.s.adjacent_rate or self.device.type != "cpu":
+            return None
+        return matmul_rates(self.device, getattr(torch, dtype_name), self.s.rate_n, repeats=3)["best"]
 
     def _export_runner(self, res: CaseResult, model, noise, steps, s):
         import importlib
