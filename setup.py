@@ -205,7 +205,9 @@ def build_cpu_variants(build_temp: str) -> list[str]:
     cxx = os.environ.get("CXX", "c++")
     src = os.path.join(ROOT, "csrc", "cpu", "vec_kernels.cpp")
     incs = [f"-I{p}" for p in [os.path.join(ROOT, "csrc")] + include_paths()]
-    common = CXX_OPT + [ABI] + incs
+    # No implicit contraction of a * b + c into one FMA: the kernels round exactly where their source does (the
+    # rotary embedding equals ATen's separate mul and sub bit for bit); FMAs only where written (at::vec::fmadd).
+    common = CXX_OPT + ["-ffp-contract=off", ABI] + incs
     lines = [
         "ninja_required_version = 1.3",
         f"cxx = {cxx}",
@@ -264,6 +266,7 @@ CPU_SOURCES = [
     "csrc/cpu/vocab_argmax.cpp",
     "csrc/cpu/vocab_pass.cpp",
     "csrc/cpu/softcap_softmax.cpp",
+    "csrc/cpu/rotary.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/build_info.cu", "csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu"]
 

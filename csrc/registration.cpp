@@ -61,6 +61,9 @@ TORCH_LIBRARY(flm_rt, m) {
   m.def("softcap_softmax(Tensor x, float scale, float cap) -> Tensor");
   // Same, written into x (returns nothing, as flow_map_step_).
   m.def("softcap_softmax_(Tensor(a!) x, float scale, float cap) -> ()");
+  // A block's qkv Linear output [B, L, 3 * n_heads * hd] -> [3, B, n_heads, L, hd]: q and k with the rotary
+  // embedding (halves convention; cos, sin float32 [L, hd / 2]) computed in the dtype of qkv, and v.
+  m.def("rotary_split(Tensor qkv, Tensor cos, Tensor sin, int n_heads) -> Tensor");
 }
 
 namespace {
@@ -117,6 +120,7 @@ TORCH_LIBRARY_IMPL(flm_rt, Autograd, m) {
   m.impl("vocab_pass_argmax", torch::autograd::autogradNotImplementedFallback());
   m.impl("vocab_pass_embed", torch::autograd::autogradNotImplementedFallback());
   m.impl("softcap_softmax", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rotary_split", torch::autograd::autogradNotImplementedFallback());
   m.impl("softcap_softmax_", TORCH_FN(softcap_softmax_inplace_autograd));
 }
 

@@ -113,11 +113,20 @@ class Rotary(nn.Module):
         return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Halves convention: x = [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]. x [..., L, d], cos/sin [L, d/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+# Halves convention: x = [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos] in the dtype of x; x [..., L, d],
+# cos/sin [L, d/2]. Defined in ops (the reference of the fused rotary_split).
+apply_rotary = ops.rotary_reference
+
+
+def split_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int):
+    """A block's qkv [B, L, 3D] -> q, k (with the rotary embedding), v, each [B, H, L, d]; in CPU inference one
+    pass of ``ops.rotary_split`` (the same bits)."""
+    if _cpu_op(qkv, "rotary_split"):
+        return ops.rotary_split(qkv, cos, sin, n_heads).unbind(0)
+    b, l, _ = qkv.shape
+    x = qkv.view(b, l, 3, n_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
+    qk = apply_rotary(x[:2], cos, sin)  # q and k together
+    return qk[0], qk[1], x[2]
 
 
 class LayerNorm(nn.Module):
@@ -165,7 +174,7 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     normalised by one pass of ``ops.softcap_softmax_`` (float32 math)."""
     scores = torch.matmul(q, k.transpose(-2, -1), out=workspace)
     scale = 1.0 / (math.sqrt(q.shape[-1]) * ATTN_SOFTCAP)
-    if _cpu_lowp_inference(scores):
+    if scores.dtype != torch.float32 and _cpu_op(scores, "softcap_softmax_"):
         # bf16/fp16 on the CPU: one in-place pass in float32 (flm_rt.ops.softcap_softmax_) instead of the capping
         # in 8-bit arithmetic and the fp32 round trip around the softmax.
         return torch.matmul(ops.softcap_softmax_(scores, scale, ATTN_SOFTCAP), v)
@@ -178,10 +187,10 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(probs, v)
 
 
-def _cpu_lowp_inference(scores: torch.Tensor) -> bool:
-    """bf16/fp16 scores on the CPU outside autograd and graph capture, with the compiled op: the fused pass."""
-    return (scores.device.type == "cpu" and scores.dtype != torch.float32 and not scores.requires_grad
-            and not tracing.is_capturing() and ops.kernels_backend("cpu", scores.dtype, "softcap_softmax_") == "ext")
+def _cpu_op(x: torch.Tensor, op: str) -> bool:
+    """x on the CPU outside autograd and graph capture, with the compiled ``op``: use the fused kernel."""
+    return (x.device.type == "cpu" and not x.requires_grad and not tracing.is_capturing()
+            and ops.kernels_backend("cpu", x.dtype, op) == "ext")
 
 
 # softcapped_attention's signature: (q, k, v, workspace or None) -> o; Denoiser.set_attention swaps it.
@@ -215,9 +224,8 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = _linear(self.adaLN_modulation, c)[:, None, :].chunk(6, dim=2)
 
         a = modulate(self.norm1(x), shift1, scale1)
-        qkv = _linear(self.attn_qkv, a).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
-        qk = apply_rotary(qkv[:2], cos, sin)  # q and k together
-        o = self.attention(qk[0], qk[1], qkv[2], workspace).transpose(1, 2).reshape(b, l, d)
+        q, k, v = split_heads(_linear(self.attn_qkv, a), cos, sin, h)
+        o = self.attention(q, k, v, workspace).transpose(1, 2).reshape(b, l, d)
         x = gated_residual(x, gate1, _linear(self.attn_out, o))
 
         m = modulate(self.norm2(x), shift2, scale2)

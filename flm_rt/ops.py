@@ -11,6 +11,10 @@
   ``softmax(cap * tanh(scale * x), dim=-1)`` computed in float32 and stored in the dtype of x (in place for the
   ``_`` variant): one pass over the [B, H, L, L] scores instead of four.
 
+* ``rotary_split(qkv, cos, sin, n_heads)`` -- a block's qkv Linear output [B, L, 3 * H * d] to
+  [3, B, H, L, d]: q and k with the rotary embedding (``rotary_reference``, in the dtype of qkv), and v, in one
+  pass instead of permuted views, six elementwise ops, a concatenation and a copy.
+
 * ``vocab_pass_argmax(y, weight, bias, cap)`` / ``vocab_pass_embed(y, weight, bias, embed, cap)`` -- the fused
   vocabulary pass: the output projection ``logits = y @ weight^T + bias`` followed by, respectively, the argmax of
   the (soft-capped) logits and ``softmax(cap*tanh(logits/cap)) @ embed``, computed over vocabulary chunks so that
@@ -144,6 +148,21 @@ def vocab_pass_embed_reference(y: torch.Tensor, weight: torch.Tensor, bias: Opti
     return torch.softmax(x, dim=-1) @ embed.to(torch.float32)
 
 
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding, halves convention: x = [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos], in the dtype
+    of x (cos and sin rounded to it first). x [..., L, d], cos/sin [L, d/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def rotary_split_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """qkv [B, L, 3 * n_heads * d] -> [3, B, n_heads, L, d]: ``rotary_reference`` of q and k, then v."""
+    b, l, width = qkv.shape
+    x = qkv.view(b, l, 3, n_heads, width // (3 * n_heads)).permute(2, 0, 3, 1, 4)
+    return torch.cat([rotary_reference(x[:2], cos, sin), x[2:]])
+
+
 def softcap_softmax_reference(x: torch.Tensor, scale: float, cap: float) -> torch.Tensor:
     """``softmax(cap * tanh(scale * x), dim=-1)`` in float32 (cap <= 0: ``softmax(scale * x)``), returned in the
     dtype of x: multiply by scale, tanh, multiply by cap, softmax, in that order."""
@@ -214,6 +233,25 @@ if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "softcap_softmax"):
     def _softcap_softmax_inplace_fake(x, scale, cap):
         _fake_check_softmax("flm_rt::softcap_softmax_", x)
         return None
+
+
+if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "rotary_split"):
+
+    @torch.library.register_fake("flm_rt::rotary_split")
+    def _rotary_split_fake(qkv, cos, sin, n_heads):
+        op = "flm_rt::rotary_split"
+        torch._check(qkv.dtype in STEP_LOGITS_DTYPES,
+                     lambda: f"{op}: qkv must be float32, bfloat16 or float16, got {qkv.dtype}")
+        torch._check(qkv.dim() == 3, lambda: f"{op}: qkv must be [B, L, 3 * n_heads * head_dim]")
+        torch._check(n_heads >= 1 and qkv.shape[2] % (3 * n_heads) == 0,
+                     lambda: f"{op}: the last dimension of qkv is not 3 * n_heads * head_dim")
+        hd = qkv.shape[2] // (3 * n_heads)
+        torch._check(hd >= 2 and hd % 2 == 0, lambda: f"{op}: head_dim must be even and >= 2, got {hd}")
+        torch._check(cos.dtype == torch.float32 and sin.dtype == torch.float32,
+                     lambda: f"{op}: cos and sin must be float32")
+        torch._check(tuple(cos.shape) == (qkv.shape[1], hd // 2) and tuple(sin.shape) == tuple(cos.shape),
+                     lambda: f"{op}: cos and sin must be [L, head_dim / 2]")
+        return qkv.new_empty((3, qkv.shape[0], n_heads, qkv.shape[1], hd))
 
 
 if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "vocab_pass_argmax"):  # (an older flm_rt._C lacks the pass)
@@ -430,6 +468,15 @@ def softcap_softmax(x: torch.Tensor, scale: float, cap: float, *, backend: Optio
     if kernels_backend(x.device, x.dtype, "softcap_softmax", backend) == "torch":
         return softcap_softmax_reference(x, scale, cap)
     return torch.ops.flm_rt.softcap_softmax(x, float(scale), float(cap))
+
+
+def rotary_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, *,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """qkv [B, L, 3 * n_heads * d] -> contiguous [3, B, n_heads, L, d]: q and k with the rotary embedding
+    (``rotary_reference``: the same bits), and v; cos/sin float32 [L, d/2]."""
+    if kernels_backend(qkv.device, qkv.dtype, "rotary_split", backend) == "torch":
+        return rotary_split_reference(qkv, cos, sin, n_heads)
+    return torch.ops.flm_rt.rotary_split(qkv, cos, sin, int(n_heads))
 
 
 def softcap_softmax_(x: torch.Tensor, scale: float, cap: float, *, backend: Optional[str] = None) -> torch.Tensor:

@@ -503,6 +503,12 @@ for V, rows in [(1, 5), (7, 33), (31, 9), (1000, 7), (30522, 2)]:
         i, v = ops.vocab_argmax(x, backend="ext"); rv, ri = torch.max(x, -1)
         assert torch.equal(i, ri)
         torch.testing.assert_close(v, rv, rtol=0, atol=0, equal_nan=True)
+for b, l, h, d in [(1, 5, 2, 2), (2, 9, 3, 40), (1, 17, 2, 64)]:  # head_dim / 2 = 1, 20 (tails), 32
+    ang = torch.randn(l, d // 2, generator=g)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        qkv = (torch.randn(b, l, 3 * h * d, generator=g) * 4).to(dt)
+        got = ops.rotary_split(qkv, ang.cos(), ang.sin(), h, backend="ext")
+        assert torch.equal(got, ops.rotary_split_reference(qkv, ang.cos(), ang.sin(), h)), (b, l, h, d, dt)
 print("VARIANT_OK")
 """
 

@@ -149,7 +149,7 @@ def test_bf16_model_uses_the_fused_pass(monkeypatch):
     with torch.inference_mode():
         fused = model.denoiser(x, t, t if cfg.two_time else None).float()
         assert len(calls) == cfg.n_blocks and all(c[0] == torch.bfloat16 for c in calls)
-        monkeypatch.setattr(flm_rt.model, "_cpu_lowp_inference", lambda s: False)
+        monkeypatch.setattr(flm_rt.model, "_cpu_op", lambda x, op: False)
         plain = model.denoiser(x, t, t if cfg.two_time else None).float()
     assert len(calls) == cfg.n_blocks
     rel = (fused - plain).norm() / plain.norm()

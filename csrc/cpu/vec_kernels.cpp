@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 
 #ifndef CPU_CAPABILITY
@@ -504,6 +505,63 @@ inline ScreenLanes screen_lanes(const ScreenRow& p, int64_t v0, int64_t n) {
   return {g, Vec(p.ny) * a + b + Vec(p.tau)};
 }
 
+// Scalar round_to: v rounded to T and back.
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// x = [x1, x2] -> [x1 c - x2 s, x1 s + x2 c], each product and sum rounded to T (ATen's mul, mul, sub / add on
+// T tensors: the same bits as the plain-PyTorch rotary of model.apply_rotary). n = hd / 2.
+template <typename T>
+inline void rotate_head(const T* x, T* out, const float* c, const float* s, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kW <= n; j += kW) {
+      const Vec x1 = Vec::loadu(x + j), x2 = Vec::loadu(x + n + j);
+      const Vec cv = Vec::loadu(c + j), sv = Vec::loadu(s + j);
+      (x1 * cv - x2 * sv).store(out + j);
+      (x1 * sv + x2 * cv).store(out + n + j);
+    }
+  } else {
+    for (; j + kW <= n; j += kW) {
+      const Vec x1 = load_full(x + j), x2 = load_full(x + n + j);
+      const Vec cv = Vec::loadu(c + j), sv = Vec::loadu(s + j);
+      const Vec r1 = round_to<T>(x1 * cv) - round_to<T>(x2 * sv);
+      const Vec r2 = round_to<T>(x1 * sv) + round_to<T>(x2 * cv);
+      at::vec::convert_from_float<T>(r1, r1).store(out + j, kW);  // the final rounding to T
+      at::vec::convert_from_float<T>(r2, r2).store(out + n + j, kW);
+    }
+  }
+  for (; j < n; ++j) {
+    const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[n + j]);
+    out[j] = static_cast<T>(round_to<T>(round_to<T>(x1 * c[j]) - round_to<T>(x2 * s[j])));
+    out[n + j] = static_cast<T>(round_to<T>(round_to<T>(x1 * s[j]) + round_to<T>(x2 * c[j])));
+  }
+}
+
+template <typename T>
+void rotary_rows_t(const RotaryParams& p, int64_t r0, int64_t r1) {
+  const T* qkv = static_cast<const T*>(p.qkv);
+  T* out = static_cast<T*>(p.out);
+  const int64_t H = p.H, hd = p.hd, L = p.L, n = hd / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / L, l = r % L;
+    const T* src = qkv + r * 3 * H * hd;
+    for (int64_t part = 0; part < 3; ++part) {
+      for (int64_t h = 0; h < H; ++h) {
+        const T* x = src + (part * H + h) * hd;
+        T* dst = out + (((part * p.B + b) * H + h) * L + l) * hd;
+        if (part == 2) {
+          std::memcpy(dst, x, static_cast<size_t>(hd) * sizeof(T));
+        } else {
+          rotate_head<T>(x, dst, p.cos + l * n, p.sin + l * n, n);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -527,6 +585,14 @@ void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row
     case FloatKind::F32: softcap_softmax_rows_t<float>(p, row_begin, row_end, scratch); break;
     case FloatKind::BF16: softcap_softmax_rows_t<c10::BFloat16>(p, row_begin, row_end, scratch); break;
     case FloatKind::F16: softcap_softmax_rows_t<c10::Half>(p, row_begin, row_end, scratch); break;
+  }
+}
+
+void rotary_rows(const RotaryParams& p, int64_t row_begin, int64_t row_end) {
+  switch (p.kind) {
+    case FloatKind::F32: rotary_rows_t<float>(p, row_begin, row_end); break;
+    case FloatKind::BF16: rotary_rows_t<c10::BFloat16>(p, row_begin, row_end); break;
+    case FloatKind::F16: rotary_rows_t<c10::Half>(p, row_begin, row_end); break;
   }
 }
 

@@ -44,6 +44,14 @@ struct SoftmaxParams {
   float cap;
 };
 
+struct RotaryParams {
+  const void* qkv;         // [B, L, 3, H, hd] (the qkv Linear's output), FloatKind kind
+  void* out;               // [3, B, H, L, hd], same dtype: rotated q, rotated k, v
+  FloatKind kind;
+  const float* cos;        // [L, hd / 2], already rounded to kind
+  const float* sin;
+  int64_t B, L, H, hd;
+};
 
 // One row of one chunk of the screened argmax (vocab_pass.cpp): the screen score of entry v is
 // s = g[v] + bias[v] (fp32; g the bf16 or fp32 GEMM output), its error bound e = ny * colA[v] + colB[v] + tau.
@@ -68,6 +76,8 @@ constexpr int64_t kScreenBlock = 256;  // entries per block_hi element (a multip
   void softcap_softmax_rows(const SoftmaxParams& p, int64_t row_begin, int64_t row_end, float* scratch); \
   /* max over v of fl(s - e) into *lo_max (-inf for none), max of fl(s + e) over each kScreenBlock   */ \
   /* entries into block_hi[ceil(n / kScreenBlock)]; false when some s is not finite                 */ \
+  /* rows r = b * L + l of rotary_split (see RotaryParams) */                                         \
+  void rotary_rows(const RotaryParams& p, int64_t row_begin, int64_t row_end);                       \
   bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi);                               \
   /* appends the v (ascending, + v_offset) with fl(s + e) >= T to idx/hi from position count,        */ \
   /* skipping blocks whose block_hi < T; returns the new count, or -1 as soon as it would exceed cap */ \

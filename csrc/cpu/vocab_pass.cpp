@@ -33,6 +33,7 @@
 #include <mutex>
 #include <optional>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace flm_rt {
@@ -79,7 +80,7 @@ PassShape check_pass_inputs(const char* op, const at::Tensor& y, const at::Tenso
 struct WeightKey {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
   const void* data;
-  uint32_t version;
+  decltype(std::declval<const at::Tensor&>()._version()) version;  // uint32_t or int64_t, by torch version
   int64_t chunk;
 
   static WeightKey of(const at::Tensor& w, int64_t chunk) {
