@@ -267,6 +267,7 @@ CPU_SOURCES = [
     "csrc/cpu/vocab_pass.cpp",
     "csrc/cpu/softcap_softmax.cpp",
     "csrc/cpu/rotary.cpp",
+    "csrc/cpu/scaled_add.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/build_info.cu", "csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu"]
 

@@ -64,6 +64,9 @@ TORCH_LIBRARY(flm_rt, m) {
   // A block's qkv Linear output [B, L, 3 * n_heads * hd] -> [3, B, n_heads, L, hd]: q and k with the rotary
   // embedding (halves convention; cos, sin float32 [L, hd / 2]) computed in the dtype of qkv, and v.
   m.def("rotary_split(Tensor qkv, Tensor cos, Tensor sin, int n_heads) -> Tensor");
+  // base + x * w as torch.addcmul on float32 operands, stored in dtype (default float32); base, x, w each
+  // [B, L, D] or [B, 1, D], float32 / bfloat16 / float16: the blocks' adaLN modulation and gated residual.
+  m.def("scaled_add(Tensor base, Tensor x, Tensor w, ScalarType? dtype=None) -> Tensor");
 }
 
 namespace {
@@ -121,6 +124,7 @@ TORCH_LIBRARY_IMPL(flm_rt, Autograd, m) {
   m.impl("vocab_pass_embed", torch::autograd::autogradNotImplementedFallback());
   m.impl("softcap_softmax", torch::autograd::autogradNotImplementedFallback());
   m.impl("rotary_split", torch::autograd::autogradNotImplementedFallback());
+  m.impl("scaled_add", torch::autograd::autogradNotImplementedFallback());
   m.impl("softcap_softmax_", TORCH_FN(softcap_softmax_inplace_autograd));
 }
 

@@ -17,7 +17,8 @@ import torch  # must be imported before the extension: _C links against libtorch
 __all__ = ["EXT_LOADED", "EXT_ERROR", "build_info", "ext_module", "has_kernel", "OPS"]
 
 OPS = ("flow_map_step", "flow_map_step_", "vocab_argmax", "vocab_pass_argmax", "vocab_pass_embed",
-       "softcap_softmax", "softcap_softmax_", "rotary_split")
+       "softcap_softmax", "softcap_softmax_", "rotary_split",
+       "scaled_add")
 
 EXT_LOADED: bool = False
 EXT_ERROR: str | None = None

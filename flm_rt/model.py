@@ -150,18 +150,32 @@ def _fp32(fn, like: torch.Tensor) -> torch.Tensor:
     return fn()
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift, as one pass over x (1 + scale in the dtype of scale)."""
-    return torch.addcmul(shift.to(x.dtype), x, (1 + scale).to(x.dtype))
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x * (1 + scale) + shift in the dtype of x (1 + scale in the dtype of scale), returned as ``dtype`` (default:
+    x's): the dtype of the Linear that reads it, so that under bf16 autocast the cast happens in the same pass."""
+    s1 = 1 + scale
+    if _cpu_op(x, "scaled_add"):
+        return ops.scaled_add(shift, x, s1, dtype or x.dtype)
+    out = torch.addcmul(shift.to(x.dtype), x, s1.to(x.dtype))
+    return out if dtype is None else out.to(dtype)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y in the dtype of x (the fp32 residual stream).
 
-    Under bf16 autocast gate and y are bf16: upcasting them first (exact) gives the values of the promoted
-    mixed-dtype op at the speed of a plain fp32 one (ATen's mixed-dtype elementwise path is ~10x slower on CPU).
-    The same holds for ``modulate``. In fp32 both casts are no-ops."""
+    Under bf16 autocast gate and y are bf16: they are upcast (exactly), which gives the values of the promoted
+    mixed-dtype op at the speed of a plain fp32 one (ATen's mixed-dtype elementwise path is ~10x slower on CPU);
+    in CPU inference ``ops.scaled_add`` does it in one pass. The same holds for ``modulate``."""
+    if _cpu_op(x, "scaled_add"):
+        return ops.scaled_add(x, y, gate, x.dtype)
     return torch.addcmul(x, gate.to(x.dtype), y.to(x.dtype))
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear applied to x computes in: the autocast dtype where autocast is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -223,12 +237,12 @@ class Block(nn.Module):
         h = self.n_heads
         shift1, scale1, gate1, shift2, scale2, gate2 = _linear(self.adaLN_modulation, c)[:, None, :].chunk(6, dim=2)
 
-        a = modulate(self.norm1(x), shift1, scale1)
+        a = modulate(self.norm1(x), shift1, scale1, _matmul_dtype(x))
         q, k, v = split_heads(_linear(self.attn_qkv, a), cos, sin, h)
         o = self.attention(q, k, v, workspace).transpose(1, 2).reshape(b, l, d)
         x = gated_residual(x, gate1, _linear(self.attn_out, o))
 
-        m = modulate(self.norm2(x), shift2, scale2)
+        m = modulate(self.norm2(x), shift2, scale2, _matmul_dtype(x))
         return gated_residual(x, gate2, _linear(self.mlp[2], _linear(self.mlp[0], m, activation="gelu_tanh")))
 
 
@@ -242,7 +256,7 @@ class OutputLayer(nn.Module):
     def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """y, the input of the final Linear: logits = y @ linear.weight^T + linear.bias."""
         shift, scale = _linear(self.adaLN_modulation, c)[:, None, :].chunk(2, dim=2)
-        return modulate(self.norm_final(x), shift, scale)
+        return modulate(self.norm_final(x), shift, scale, _matmul_dtype(x))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return _linear(self.linear, self.features(x, c))

@@ -15,6 +15,10 @@
   [3, B, H, L, d]: q and k with the rotary embedding (``rotary_reference``, in the dtype of qkv), and v, in one
   pass instead of permuted views, six elementwise ops, a concatenation and a copy.
 
+* ``scaled_add(base, x, w, dtype=None)`` -- ``base + x * w`` as ``torch.addcmul`` on float32 operands, stored in
+  ``dtype`` (float32 by default); each operand [B, L, D] or [B, 1, D]: the blocks' adaLN modulation (straight to
+  the dtype of the Linear that reads it) and gated residual, in one pass without float32 copies of bf16 operands.
+
 * ``vocab_pass_argmax(y, weight, bias, cap)`` / ``vocab_pass_embed(y, weight, bias, embed, cap)`` -- the fused
   vocabulary pass: the output projection ``logits = y @ weight^T + bias`` followed by, respectively, the argmax of
   the (soft-capped) logits and ``softmax(cap*tanh(logits/cap)) @ embed``, computed over vocabulary chunks so that
@@ -163,6 +167,15 @@ def rotary_split_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat([rotary_reference(x[:2], cos, sin), x[2:]])
 
 
+def scaled_add_reference(base: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.addcmul(base, x, w)`` on the float32 values of the operands (exact upcasts), as ``dtype``
+    (default float32)."""
+    f = torch.float32
+    out = torch.addcmul(base.to(f), x.to(f), w.to(f))
+    return out if dtype is None else out.to(dtype)
+
+
 def softcap_softmax_reference(x: torch.Tensor, scale: float, cap: float) -> torch.Tensor:
     """``softmax(cap * tanh(scale * x), dim=-1)`` in float32 (cap <= 0: ``softmax(scale * x)``), returned in the
     dtype of x: multiply by scale, tanh, multiply by cap, softmax, in that order."""
@@ -252,6 +265,23 @@ if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "rotary_split"):
         torch._check(tuple(cos.shape) == (qkv.shape[1], hd // 2) and tuple(sin.shape) == tuple(cos.shape),
                      lambda: f"{op}: cos and sin must be [L, head_dim / 2]")
         return qkv.new_empty((3, qkv.shape[0], n_heads, qkv.shape[1], hd))
+
+
+if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "scaled_add"):
+
+    @torch.library.register_fake("flm_rt::scaled_add")
+    def _scaled_add_fake(base, x, w, dtype=None):
+        op = "flm_rt::scaled_add"
+        torch._check(base.dim() == 3 and x.dim() == 3 and w.dim() == 3,
+                     lambda: f"{op}: base, x and w must be 3-dimensional ([B, L, D] or [B, 1, D])")
+        L = max(base.shape[1], x.shape[1], w.shape[1])
+        for name, t in (("base", base), ("x", x), ("w", w)):
+            torch._check(t.dtype in STEP_LOGITS_DTYPES, lambda: f"{op}: {name} must be float32, bfloat16 or float16")
+            torch._check(t.shape[0] == x.shape[0] and t.shape[1] in (1, L) and t.shape[2] == x.shape[2],
+                         lambda: f"{op}: {name} must be [B, L, D] or [B, 1, D]")
+        out = torch.float32 if dtype is None else dtype
+        torch._check(out in STEP_LOGITS_DTYPES, lambda: f"{op}: dtype must be float32, bfloat16 or float16")
+        return x.new_empty((x.shape[0], L, x.shape[2]), dtype=out)
 
 
 if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "vocab_pass_argmax"):  # (an older flm_rt._C lacks the pass)
@@ -477,6 +507,15 @@ def rotary_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head
     if kernels_backend(qkv.device, qkv.dtype, "rotary_split", backend) == "torch":
         return rotary_split_reference(qkv, cos, sin, n_heads)
     return torch.ops.flm_rt.rotary_split(qkv, cos, sin, int(n_heads))
+
+
+def scaled_add(base: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dtype: Optional[torch.dtype] = None, *,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """``base + x * w`` computed as ``torch.addcmul`` on float32 operands, returned as ``dtype`` (default float32);
+    each operand [B, L, D] or [B, 1, D] in float32, bfloat16 or float16 (``scaled_add_reference``: the same bits)."""
+    if kernels_backend(x.device, x.dtype, "scaled_add", backend) == "torch":
+        return scaled_add_reference(base, x, w, dtype)
+    return torch.ops.flm_rt.scaled_add(base, x, w, dtype)
 
 
 def softcap_softmax_(x: torch.Tensor, scale: float, cap: float, *, backend: Optional[str] = None) -> torch.Tensor:

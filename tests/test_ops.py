@@ -509,6 +509,14 @@ for b, l, h, d in [(1, 5, 2, 2), (2, 9, 3, 40), (1, 17, 2, 64)]:  # head_dim / 2
         qkv = (torch.randn(b, l, 3 * h * d, generator=g) * 4).to(dt)
         got = ops.rotary_split(qkv, ang.cos(), ang.sin(), h, backend="ext")
         assert torch.equal(got, ops.rotary_split_reference(qkv, ang.cos(), ang.sin(), h)), (b, l, h, d, dt)
+for B, L, D in [(1, 5, 13), (2, 9, 768)]:  # ATen's addcmul at the same capability (FMA or not)
+    for kinds in [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16)]:
+        base = (torch.randn(B, L, D, generator=g) * 3).to(kinds[0])
+        x = (torch.randn(B, L, D, generator=g) * 3).to(kinds[1])
+        w = (torch.randn(B, 1, D, generator=g) * 2).to(kinds[2])
+        for dt in (None, torch.bfloat16):
+            got = ops.scaled_add(base, x, w, dt, backend="ext")
+            assert torch.equal(got, ops.scaled_add_reference(base, x, w, dt)), (B, L, D, kinds, dt)
 print("VARIANT_OK")
 """
 

@@ -562,6 +562,47 @@ void rotary_rows_t(const RotaryParams& p, int64_t r0, int64_t r1) {
   }
 }
 
+template <typename T>
+inline Vec load_op(const ScaledAddOperand& o, int64_t off, int64_t n) {
+  const T* p = static_cast<const T*>(o.p) + off;
+  return n == kW ? load_full(p) : load_part(p, n);
+}
+
+inline Vec load_operand(const ScaledAddOperand& o, int64_t off, int64_t n) {
+  switch (o.kind) {
+    case FloatKind::BF16: return load_op<c10::BFloat16>(o, off, n);
+    case FloatKind::F16: return load_op<c10::Half>(o, off, n);
+    default: return load_op<float>(o, off, n);
+  }
+}
+
+template <typename T>
+inline void store_n(T* dst, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(dst, n);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(dst, n);
+  }
+}
+
+template <typename T>
+void scaled_add_rows_t(const ScaledAddParams& p, int64_t r0, int64_t r1) {
+  T* out = static_cast<T*>(p.out);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.L, l = r % p.L;
+    const int64_t ob = b * p.base.sb + l * p.base.sl, ox = b * p.x.sb + l * p.x.sl, ow = b * p.w.sb + l * p.w.sl;
+    T* dst = out + r * p.D;
+    for (int64_t j = 0; j < p.D; j += kW) {
+      const int64_t n = p.D - j < kW ? p.D - j : kW;
+      // ATen's float32 addcmul, self + t1 * t2: one fused multiply-add where the capability has FMA (ATen's own
+      // AVX2 / AVX512 kernels contract it), a product and a sum in the DEFAULT copy (as ATen's DEFAULT kernels)
+      const Vec y = at::vec::fmadd(load_operand(p.x, ox + j, n), load_operand(p.w, ow + j, n),
+                                   load_operand(p.base, ob + j, n));
+      store_n<T>(dst + j, y, n);
+    }
+  }
+}
+
 }  // namespace
 
 void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -593,6 +634,14 @@ void rotary_rows(const RotaryParams& p, int64_t row_begin, int64_t row_end) {
     case FloatKind::F32: rotary_rows_t<float>(p, row_begin, row_end); break;
     case FloatKind::BF16: rotary_rows_t<c10::BFloat16>(p, row_begin, row_end); break;
     case FloatKind::F16: rotary_rows_t<c10::Half>(p, row_begin, row_end); break;
+  }
+}
+
+void scaled_add_rows(const ScaledAddParams& p, int64_t row_begin, int64_t row_end) {
+  switch (p.out_kind) {
+    case FloatKind::F32: scaled_add_rows_t<float>(p, row_begin, row_end); break;
+    case FloatKind::BF16: scaled_add_rows_t<c10::BFloat16>(p, row_begin, row_end); break;
+    case FloatKind::F16: scaled_add_rows_t<c10::Half>(p, row_begin, row_end); break;
   }
 }
 

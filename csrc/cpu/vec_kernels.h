@@ -53,6 +53,20 @@ struct RotaryParams {
   int64_t B, L, H, hd;
 };
 
+// out[b, l, :] = base + x * w in float32 (then rounded to out_kind), each operand [B, L, D] or [B, 1, D]: element
+// strides per batch (sb) and per position (sl, 0 for a [B, 1, D] operand); the last dimension is contiguous.
+struct ScaledAddOperand {
+  const void* p;
+  FloatKind kind;
+  int64_t sb, sl;
+};
+struct ScaledAddParams {
+  ScaledAddOperand base, x, w;
+  void* out;               // [B, L, D] contiguous
+  FloatKind out_kind;
+  int64_t L, D;
+};
+
 // One row of one chunk of the screened argmax (vocab_pass.cpp): the screen score of entry v is
 // s = g[v] + bias[v] (fp32; g the bf16 or fp32 GEMM output), its error bound e = ny * colA[v] + colB[v] + tau.
 struct ScreenRow {
@@ -78,6 +92,8 @@ constexpr int64_t kScreenBlock = 256;  // entries per block_hi element (a multip
   /* entries into block_hi[ceil(n / kScreenBlock)]; false when some s is not finite                 */ \
   /* rows r = b * L + l of rotary_split (see RotaryParams) */                                         \
   void rotary_rows(const RotaryParams& p, int64_t row_begin, int64_t row_end);                       \
+  /* rows r = b * L + l of scaled_add (see ScaledAddParams) */                                       \
+  void scaled_add_rows(const ScaledAddParams& p, int64_t row_begin, int64_t row_end);                \
   bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi);                               \
   /* appends the v (ascending, + v_offset) with fl(s + e) >= T to idx/hi from position count,        */ \
   /* skipping blocks whose block_hi < T; returns the new count, or -1 as soon as it would exceed cap */ \
