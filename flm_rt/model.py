@@ -155,7 +155,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     """x * (1 + scale) + shift in the dtype of x (1 + scale in the dtype of scale), returned as ``dtype`` (default:
     x's): the dtype of the Linear that reads it, so that under bf16 autocast the cast happens in the same pass."""
     s1 = 1 + scale
-    if _cpu_op(x, "scaled_add"):
+    if (dtype not in (None, x.dtype) or s1.dtype != x.dtype) and _cpu_op(x, "scaled_add"):
         return ops.scaled_add(shift, x, s1, dtype or x.dtype)
     out = torch.addcmul(shift.to(x.dtype), x, s1.to(x.dtype))
     return out if dtype is None else out.to(dtype)
@@ -166,8 +166,9 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
     Under bf16 autocast gate and y are bf16: they are upcast (exactly), which gives the values of the promoted
     mixed-dtype op at the speed of a plain fp32 one (ATen's mixed-dtype elementwise path is ~10x slower on CPU);
-    in CPU inference ``ops.scaled_add`` does it in one pass. The same holds for ``modulate``."""
-    if _cpu_op(x, "scaled_add"):
+    in CPU inference ``ops.scaled_add`` does it in one pass. The same holds for ``modulate``. (Where every operand
+    is x's dtype there is nothing to save: ATen's addcmul.)"""
+    if (y.dtype != x.dtype or gate.dtype != x.dtype) and _cpu_op(x, "scaled_add"):
         return ops.scaled_add(x, y, gate, x.dtype)
     return torch.addcmul(x, gate.to(x.dtype), y.to(x.dtype))
 

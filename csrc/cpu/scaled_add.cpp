@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 
 namespace flm_rt {
@@ -61,7 +62,8 @@ at::Tensor scaled_add_cpu(const at::Tensor& base, const at::Tensor& x, const at:
   p.D = D;
   const auto& k = cpu::kernels();
   at::parallel_for(0, B * L, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
-    k.scaled_add_rows(p, r0, r1);
+    std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(3 * D)]);
+    k.scaled_add_rows(p, r0, r1, scratch.get());
   });
   return out;
 }

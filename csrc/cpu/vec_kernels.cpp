@@ -563,20 +563,6 @@ void rotary_rows_t(const RotaryParams& p, int64_t r0, int64_t r1) {
 }
 
 template <typename T>
-inline Vec load_op(const ScaledAddOperand& o, int64_t off, int64_t n) {
-  const T* p = static_cast<const T*>(o.p) + off;
-  return n == kW ? load_full(p) : load_part(p, n);
-}
-
-inline Vec load_operand(const ScaledAddOperand& o, int64_t off, int64_t n) {
-  switch (o.kind) {
-    case FloatKind::BF16: return load_op<c10::BFloat16>(o, off, n);
-    case FloatKind::F16: return load_op<c10::Half>(o, off, n);
-    default: return load_op<float>(o, off, n);
-  }
-}
-
-template <typename T>
 inline void store_n(T* dst, const Vec& v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(dst, n);
@@ -586,19 +572,57 @@ inline void store_n(T* dst, const Vec& v, int64_t n) {
 }
 
 template <typename T>
-void scaled_add_rows_t(const ScaledAddParams& p, int64_t r0, int64_t r1) {
+inline void to_float(const T* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) load_full(src + j).store(dst + j);
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// The float32 values of operand o's row at element offset off: the row itself when o is float32, else its
+// conversion in buf (kept while the offset repeats: a [B, 1, D] operand is converted once per batch).
+inline const float* float_row(const ScaledAddOperand& o, int64_t off, int64_t D, float* buf, int64_t& cached) {
+  if (o.kind == FloatKind::F32) return static_cast<const float*>(o.p) + off;
+  if (cached != off) {
+    if (o.kind == FloatKind::BF16) {
+      to_float(static_cast<const c10::BFloat16*>(o.p) + off, buf, D);
+    } else {
+      to_float(static_cast<const c10::Half*>(o.p) + off, buf, D);
+    }
+    cached = off;
+  }
+  return buf;
+}
+
+// ATen's float32 addcmul, self + t1 * t2: one fused multiply-add where the capability has FMA (ATen's own AVX2 /
+// AVX512 kernels contract it), a product and a sum in the DEFAULT copy (as ATen's DEFAULT kernels).
+inline Vec scaled_add_lanes(const float* base, const float* x, const float* w, int64_t j, int64_t n) {
+  if (n == kW) return at::vec::fmadd(Vec::loadu(x + j), Vec::loadu(w + j), Vec::loadu(base + j));
+  return at::vec::fmadd(Vec::loadu(x + j, n), Vec::loadu(w + j, n), Vec::loadu(base + j, n));
+}
+
+template <typename T>
+void scaled_add_rows_t(const ScaledAddParams& p, int64_t r0, int64_t r1, float* scratch) {
   T* out = static_cast<T*>(p.out);
+  const int64_t D = p.D;
+  int64_t cached[3] = {-1, -1, -1};
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.L, l = r % p.L;
-    const int64_t ob = b * p.base.sb + l * p.base.sl, ox = b * p.x.sb + l * p.x.sl, ow = b * p.w.sb + l * p.w.sl;
-    T* dst = out + r * p.D;
-    for (int64_t j = 0; j < p.D; j += kW) {
-      const int64_t n = p.D - j < kW ? p.D - j : kW;
-      // ATen's float32 addcmul, self + t1 * t2: one fused multiply-add where the capability has FMA (ATen's own
-      // AVX2 / AVX512 kernels contract it), a product and a sum in the DEFAULT copy (as ATen's DEFAULT kernels)
-      const Vec y = at::vec::fmadd(load_operand(p.x, ox + j, n), load_operand(p.w, ow + j, n),
-                                   load_operand(p.base, ob + j, n));
-      store_n<T>(dst + j, y, n);
+    const float* base = float_row(p.base, b * p.base.sb + l * p.base.sl, D, scratch, cached[0]);
+    const float* x = float_row(p.x, b * p.x.sb + l * p.x.sl, D, scratch + D, cached[1]);
+    const float* w = float_row(p.w, b * p.w.sb + l * p.w.sl, D, scratch + 2 * D, cached[2]);
+    T* dst = out + r * D;
+    int64_t j = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; j + kW <= D; j += kW) scaled_add_lanes(base, x, w, j, kW).store(dst + j);
+    } else {
+      for (; j + 2 * kW <= D; j += 2 * kW) {
+        at::vec::convert_from_float<T>(scaled_add_lanes(base, x, w, j, kW), scaled_add_lanes(base, x, w, j + kW, kW))
+            .store(dst + j);
+      }
+    }
+    for (; j < D; j += kW) {
+      const int64_t n = D - j < kW ? D - j : kW;
+      store_n<T>(dst + j, scaled_add_lanes(base, x, w, j, n), n);
     }
   }
 }
@@ -637,11 +661,11 @@ void rotary_rows(const RotaryParams& p, int64_t row_begin, int64_t row_end) {
   }
 }
 
-void scaled_add_rows(const ScaledAddParams& p, int64_t row_begin, int64_t row_end) {
+void scaled_add_rows(const ScaledAddParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
   switch (p.out_kind) {
-    case FloatKind::F32: scaled_add_rows_t<float>(p, row_begin, row_end); break;
-    case FloatKind::BF16: scaled_add_rows_t<c10::BFloat16>(p, row_begin, row_end); break;
-    case FloatKind::F16: scaled_add_rows_t<c10::Half>(p, row_begin, row_end); break;
+    case FloatKind::F32: scaled_add_rows_t<float>(p, row_begin, row_end, scratch); break;
+    case FloatKind::BF16: scaled_add_rows_t<c10::BFloat16>(p, row_begin, row_end, scratch); break;
+    case FloatKind::F16: scaled_add_rows_t<c10::Half>(p, row_begin, row_end, scratch); break;
   }
 }
 
