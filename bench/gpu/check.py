@@ -517,7 +517,8 @@ def markdown(res: dict) -> str:
                 out.append(f"| {c['op']} | {c['dtype']} | {c['rows']} | {c['V']} | {c['D']} | {c['chunk']} | "
                            f"{c['mode']} | {c.get('status')}: {c.get('error', '')[:80]} | | | | |")
                 continue
-            out.append(f"| {c['op']} | {c['dtype']} | {c['rows']} | {c['V']} | {c['D']} | {c['chunk']} | {c['mode']} | "
+            out.append(f"| {c['op']} (cap {c.get('cap', '-')}) | {c['dtype']} | {c['rows']} | {c['V']} | {c['D']} | "
+                       f"{c['chunk']} | {c['mode']} | "
                        f"{_fmt(c['median_ms'], '.3f')} | {_fmt(c.get('peak_mb'), '.1f')} | "
                        f"{_fmt(c.get('speedup_vs_whole'), '.2f')} | {_fmt(c.get('argmax_ids_agreement'), '.4f')} | "
                        f"{_fmt(c.get('embed_rel_err'), '.1e')} |")
