@@ -713,7 +713,8 @@ def test_cuda_embed_low_precision_logits(dtype):
 @pytest.mark.parametrize("chunk", [pytest.param(c, marks=cuda_only) for c in (1, 8, 25, 64)])
 def test_cuda_embed_nan_and_infinities(chunk):
     g = torch.Generator().manual_seed(4)
-    y, w, e = to_cuda(torch.randn(4, 16, generator=g), torch.randn(50, 16, generator=g), torch.randn(50, 6, generator=g))
+    y, w, e = to_cuda(torch.randn(4, 16, generator=g), torch.randn(50, 16, generator=g),
+                      torch.randn(50, 6, generator=g))
     b = torch.zeros(50).cuda()
     b[:30] = float("-inf")  # the first chunks all -inf: a later finite chunk must still give a finite result
     for cap in (0.0, 30.0, 61.0):

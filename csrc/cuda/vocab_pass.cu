@@ -51,14 +51,18 @@ constexpr int64_t kWarpModeMaxWidth = 1024;
 constexpr int kRowBlock = 256;
 
 // cap * tanh(v / cap) exactly as ATen computes logits.div(cap).tanh_().mul_(cap) on CUDA in dtype T: the division
-// by a CPU scalar is a multiplication by the float reciprocal (BinaryDivTrueKernel.cu), tanh and the
-// multiplication are evaluated in float, and each of the three results is rounded to T (no-ops for float).
+// by a CPU scalar is a multiplication by the reciprocal, computed in double and rounded to float once
+// (BinaryDivTrueKernel.cu; cap_reciprocal below), tanh and the multiplication are evaluated in float, and each
+// of the three results is rounded to T (no-ops for float).
 template <typename T>
 __device__ __forceinline__ float cap_in_dtype(float v, float cap, float inv_cap) {
   const float q = static_cast<float>(static_cast<T>(v * inv_cap));
   const float t = static_cast<float>(static_cast<T>(tanhf(q)));
   return static_cast<float>(static_cast<T>(t * cap));
 }
+
+// The float reciprocal ATen multiplies by for x.div(cap) (0 without a cap).
+float cap_reciprocal(double cap) { return cap > 0 ? static_cast<float>(1.0 / cap) : 0.0f; }
 
 // NaN-propagating maximum (at::maximum / at::amax semantics).
 __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
@@ -305,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> vocab_pass_argmax_cuda(const at::Tensor& y, c
     a.rows = s.rows;
     a.capped = cap > 0;
     a.cap = static_cast<float>(cap);
-    a.inv_cap = a.capped ? 1.0f / a.cap : 0.0f;
+    a.inv_cap = cap_reciprocal(cap);
     for (int64_t c = 0; c < proj.count(); ++c) {
       const at::Tensor lg = proj.logits_into(buf, c);
       a.x = reinterpret_cast<const scalar_t*>(lg.const_data_ptr());
@@ -346,7 +350,7 @@ at::Tensor vocab_pass_embed_cuda(const at::Tensor& y, const at::Tensor& weight, 
     a.rows = s.rows;
     a.capped = cap > 0;
     a.cap = static_cast<float>(cap);
-    a.inv_cap = a.capped ? 1.0f / a.cap : 0.0f;
+    a.inv_cap = cap_reciprocal(cap);
     a.fixed_shift = fixed_shift;
     for (int64_t c = 0; c < proj.count(); ++c) {
       const at::Tensor lg = proj.logits_into(lbuf, c);
