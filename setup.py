@@ -269,7 +269,8 @@ CPU_SOURCES = [
     "csrc/cpu/rotary.cpp",
     "csrc/cpu/scaled_add.cpp",
 ]
-CUDA_SOURCES = ["csrc/cuda/build_info.cu", "csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu"]
+CUDA_SOURCES = ["csrc/cuda/build_info.cu", "csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu",
+                "csrc/cuda/vocab_pass.cu"]
 
 variant_defs = [f"-DFLM_RT_HAVE_CPU_{v}" for v in CPU_VARIANTS if v != "DEFAULT"]
 cxx_flags = CXX_OPT[:1] + ["-fopenmp", "-DFLM_RT_WITH_PYTHON"] + variant_defs

@@ -68,6 +68,7 @@ def test_cuda_sources_compiled_when_nvcc_present():
     info = flm_rt.build_info()
     assert info["cuda_compiled"], f"nvcc is available but the CUDA kernels were not compiled: {info}"
     assert "CUDA" in info["ops"]["flow_map_step"] and "CUDA" in info["ops"]["vocab_argmax"]
+    assert "CUDA" in info["ops"]["vocab_pass_argmax"] and "CUDA" in info["ops"]["vocab_pass_embed"]
     for arch in os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").split(";"):
         assert arch in info["cuda_archs"]
 

@@ -572,3 +572,283 @@ def test_low_precision_capped_argmax_without_capping_every_entry(dtype, spread):
         assert torch.equal(got_i, want_i), (chunk, int((got_i != want_i).sum()))
         assert torch.equal(got_v.isnan(), want_v.isnan())
         assert torch.equal(got_v[~want_v.isnan()], want_v[~want_v.isnan()])
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+# csrc/cuda/vocab_pass.cu: the chunk GEMMs on cuBLAS, the folds in custom kernels. The references run on the same
+# device (cuBLAS logits, ATen's CUDA soft-cap), so integer data gives exactly equal ids and values.
+HAS_CUDA = torch.cuda.is_available()
+CUDA_PASS_BUILT = _ext.EXT_LOADED and _ext.has_kernel("vocab_pass_argmax", "cuda")
+cuda_only = [pytest.mark.cuda,
+             pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"),
+             pytest.mark.skipif(HAS_CUDA and not CUDA_PASS_BUILT,
+                                reason="flm_rt._C built without the CUDA vocabulary pass")]
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def to_cuda(*ts):
+    return tuple(None if t is None else t.cuda() for t in ts)
+
+
+@pytest.mark.skipif(not CUDA_PASS_BUILT, reason="flm_rt._C built without the CUDA vocabulary pass")
+def test_cuda_kernels_are_registered_and_chosen():
+    """A CUDA build registers both ops for CUDA, and auto / "ext" choose them (no GPU needed to ask)."""
+    for op in ("vocab_pass_argmax", "vocab_pass_embed"):
+        assert _ext.has_kernel(op, "cuda") and "CUDA" in _ext.build_info()["ops"][op]
+        for dtype in FLOATS:
+            assert ops.kernels_backend("cuda", dtype, op) == "ext"
+            assert ops.kernels_backend("cuda", dtype, op, backend="ext") == "ext"
+        assert ops.kernels_backend("cuda", torch.float32, op, backend="torch") == "torch"
+
+
+@pytest.mark.parametrize("rows,d,v", SHAPES)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda_only, id="cuda")])
+def test_cuda_argmax_ids_exact_with_ties(rows, d, v, dtype, _):
+    y, w, b = to_cuda(*int_problem(rows, d, v, dtype, seed=v))
+    for cap in (0.0, 30.0):
+        for bias in (b, None):
+            want_i, want_v = ops.vocab_pass_argmax_reference(y, w, bias, cap)
+            for chunk in chunks_for(v):
+                got_i, got_v = kernel_argmax(y, w, bias, cap, chunk, True)
+                assert got_i.device == y.device and got_i.dtype == torch.int64 and got_v.dtype == dtype
+                assert got_i.shape == rows and got_v.shape == rows
+                assert torch.equal(got_i, want_i), (cap, chunk, bias is None)
+                assert torch.equal(got_v, want_v), (cap, chunk, bias is None)
+    got = ops.vocab_pass_argmax(y, w, b, 30.0, chunk=7)  # the wrapper under auto takes the kernel
+    assert torch.equal(got[0], ops.vocab_pass_argmax_reference(y, w, b, 30.0)[0])
+
+
+@pytest.mark.parametrize("chunk", [pytest.param(c, marks=cuda_only) for c in (1, 5, 16, 100, 2000)])
+def test_cuda_argmax_ties_nan_and_infinities(chunk):
+    y, w = to_cuda(torch.ones(4, 8), torch.ones(3000, 8))  # every logit equal: index 0 whatever the chunking
+    assert torch.equal(kernel_argmax(y, w, None, 0.0, chunk, False)[0], torch.zeros(4, dtype=torch.int64).cuda())
+    w[[1300, 2999]] = 2.0  # two maxima in different chunks: the lower index
+    assert torch.equal(kernel_argmax(y, w, None, 30.0, chunk, False)[0], torch.full((4,), 1300).cuda())
+    y, w, b = to_cuda(*int_problem((6,), 8, 60, torch.float32, seed=1))
+    b[[45, 17, 33]] = torch.tensor([float("nan"), float("nan"), float("inf")]).cuda()  # first NaN (17) wins
+    b[50:] = float("-inf")
+    for cap in (0.0, 30.0):
+        got = kernel_argmax(y, w, b, cap, chunk, False)
+        assert torch.equal(got[0], ops.vocab_pass_argmax_reference(y, w, b, cap)[0])
+        assert torch.equal(got[0].cpu(), torch.full((6,), 17)) and torch.isnan(got[1]).all()
+    b = torch.full((60,), float("-inf")).cuda()  # all -inf: index 0, value -inf (with the cap: -30)
+    for cap in (0.0, 30.0):
+        want, got = ops.vocab_pass_argmax_reference(y, w, b, cap), kernel_argmax(y, w, b, cap, chunk, False)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    b = torch.zeros(60).cuda()
+    b[[3, 30]] = float("inf")
+    assert torch.equal(kernel_argmax(y, w, b, 0.0, chunk, False)[0].cpu(), torch.full((6,), 3))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=cuda_only) for d in FLOATS], ids=str)
+def test_cuda_cap_is_bitwise_atens(dtype):
+    """Row r is [v_r, very negative] against the identity, so the value is cap(v_r) itself: it must be exactly
+    ATen's CUDA x.div_(cap).tanh_().mul_(cap) in the logits dtype (500k values, both fold kernel variants)."""
+    g = torch.Generator().manual_seed(11)
+    v = torch.cat([torch.randn(100_000, generator=g) * s for s in (0.01, 1.0, 10.0, 40.0, 300.0)]).to(dtype).cuda()
+    low = -1e4 if dtype == torch.float16 else -1e30
+    y = torch.stack([v, torch.full_like(v, low)], dim=1)
+    eye = torch.eye(2, dtype=dtype).cuda()
+    logits = torch.nn.functional.linear(y, eye)[:, 0]  # v itself (up to a GEMM flushing fp16 subnormals)
+    want = logits.clone().div_(30.0).tanh_().mul_(30.0)
+    idx, val = kernel_argmax(y, eye, None, 30.0, 2, False)
+    assert bool((idx == 0).all())
+    assert torch.equal(val, want), int((val != want).sum())
+    # saturated rows (many entries cap to the same value): the reference's first index, warp and block folds
+    x = (60 + 240 * torch.rand(64, 3000, generator=g)).to(dtype).cuda()
+    w = torch.eye(3000, dtype=dtype).cuda()
+    want_i, want_v = ops.vocab_pass_argmax_reference(x, w, None, 30.0)
+    for chunk in (7, 1000, 3000):
+        got_i, got_v = kernel_argmax(x, w, None, 30.0, chunk, False)
+        assert torch.equal(got_i, want_i) and torch.equal(got_v, want_v), chunk
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda_only, id="cuda")])
+def test_cuda_argmax_random_floats(_):
+    g = torch.Generator().manual_seed(0)
+    y, w, b = to_cuda(torch.randn(2, 64, 96, generator=g), torch.randn(3001, 96, generator=g),
+                      torch.randn(3001, generator=g))
+    logits = torch.nn.functional.linear(y, w, b)
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+    want = ops.vocab_pass_argmax_reference(y, w, b, 0.0)[0]
+    for chunk in (256, 1000, 4096):
+        got = ops.vocab_pass_argmax(y, w, b, 0.0, chunk=chunk, backend="ext")[0]
+        assert clear.float().mean() > 0.9 and torch.equal(got[clear], want[clear])
+
+
+@pytest.mark.parametrize("rows,d,v", SHAPES)
+@pytest.mark.parametrize("cap", [0.0, 30.0, 61.0])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda_only, id="cuda")])
+def test_cuda_embed_matches_reference(rows, d, v, cap, _):
+    """float32: |kernel - reference| <= 2e-6 + 2e-5 |reference| (cap 30: fixed shift; 61 and 0: online max)."""
+    g = torch.Generator().manual_seed(v)
+    y, w, b, e = to_cuda(torch.randn(*rows, d, generator=g), torch.randn(v, d, generator=g) * 2,
+                         torch.randn(v, generator=g), torch.randn(v, 12, generator=g))
+    want = ops.vocab_pass_embed_reference(y, w, b, e, cap)
+    for chunk in chunks_for(v):
+        got = torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, cap, chunk, False)
+        assert got.shape == (*rows, 12) and got.dtype == torch.float32 and got.device == y.device
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=cuda_only) for d in (torch.bfloat16, torch.float16)],
+                         ids=str)
+def test_cuda_embed_low_precision_logits(dtype):
+    g = torch.Generator().manual_seed(3)
+    y, w, b = to_cuda(*(t.to(dtype) for t in (torch.randn(5, 64, generator=g), torch.randn(777, 64, generator=g),
+                                              torch.randn(777, generator=g))))
+    e = torch.randn(777, 8, generator=g).cuda()
+    for cap in (30.0, 0.0):
+        want = ops.vocab_pass_embed_reference(y, w, b, e, cap)
+        for chunk in (100, 777):
+            got = torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, cap, chunk, False)
+            # low-precision logits of a chunked and a whole GEMM can differ by one ulp: probabilities by ~1%
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    y, w, b = to_cuda(*int_problem((5,), 16, 777, dtype, seed=2))  # exact logits: float32 rounding only
+    for cap in (30.0, 0.0):
+        torch.testing.assert_close(torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, cap, 100, False),
+                                   ops.vocab_pass_embed_reference(y, w, b, e, cap), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("chunk", [pytest.param(c, marks=cuda_only) for c in (1, 8, 25, 64)])
+def test_cuda_embed_nan_and_infinities(chunk):
+    g = torch.Generator().manual_seed(4)
+    y, w, e = to_cuda(torch.randn(4, 16, generator=g), torch.randn(50, 16, generator=g),
+                      torch.randn(50, 6, generator=g))
+    b = torch.zeros(50).cuda()
+    b[:30] = float("-inf")  # the first chunks all -inf: a later finite chunk must still give a finite result
+    for cap in (0.0, 30.0, 61.0):
+        got = torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, cap, chunk, False)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ops.vocab_pass_embed_reference(y, w, b, e, cap), atol=ATOL, rtol=RTOL)
+    b[:] = float("-inf")  # all -inf: NaN without a cap (as torch.softmax), the uniform average with one
+    assert torch.isnan(torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, 0.0, chunk, False)).all()
+    for cap in (30.0, 61.0):
+        torch.testing.assert_close(torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, cap, chunk, False),
+                                   e.mean(0).expand(4, 6), atol=ATOL, rtol=RTOL)
+    b[:] = 0.0
+    b[37] = float("nan")  # a NaN logit: that row's softmax is NaN
+    for cap in (0.0, 30.0, 61.0):
+        assert torch.isnan(torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, cap, chunk, False)).all()
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda_only, id="cuda")])
+def test_cuda_edges_and_errors(_):
+    y, w, b = to_cuda(*int_problem((3,), 16, 30, torch.float32, seed=6))
+    e = torch.randn(30, 4).cuda()
+    i, v = kernel_argmax(y[:0], w, b, 0.0, 8, False)  # no rows
+    assert i.shape == (0,) and v.shape == (0,) and i.is_cuda
+    assert torch.ops.flm_rt.vocab_pass_embed(y[:0], w, b, e, 30.0, 8, False).shape == (0, 4)
+    y0, w0 = torch.randn(3, 0).cuda(), torch.randn(5, 0).cuda()  # D = 0: every logit is the bias
+    b0 = torch.tensor([0.0, 2.0, -1.0, 2.0, 1.0]).cuda()
+    i, v = kernel_argmax(y0, w0, b0, 0.0, 4, False)
+    assert torch.equal(i.cpu(), torch.ones(3, dtype=torch.int64)) and torch.equal(v.cpu(), torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match="expected CUDA tensors, got y on cuda:0 and weight on cpu"):
+        kernel_argmax(y, w.cpu(), b, 0.0, 8, False)
+    with pytest.raises(RuntimeError, match="bias must be on the device of y"):
+        kernel_argmax(y, w, b.cpu(), 0.0, 8, False)
+    with pytest.raises(RuntimeError, match="weight must have the dtype of y"):
+        kernel_argmax(y, w.half(), None, 0.0, 8, False)
+    with pytest.raises(RuntimeError, match="y has D = 15"):
+        kernel_argmax(y[:, :15], w, b, 0.0, 8, False)
+    with pytest.raises(RuntimeError, match="chunk must be >= 1"):
+        kernel_argmax(y, w, b, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match="embed must be on the device of y"):
+        torch.ops.flm_rt.vocab_pass_embed(y, w, b, e.cpu(), 30.0, 8, False)
+    with pytest.raises(RuntimeError, match="embed must be float32"):
+        torch.ops.flm_rt.vocab_pass_embed(y, w, b, e.double(), 30.0, 8, False)
+    with pytest.raises(RuntimeError, match="embed must be"):
+        torch.ops.flm_rt.vocab_pass_embed(y, w, b, e[:29], 30.0, 8, False)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda_only, id="cuda")])
+def test_cuda_opcheck(_):
+    y, w, b = to_cuda(*int_problem((2, 3), 16, 70, torch.float32, seed=7))
+    e = torch.randn(70, 5).cuda()
+    torch.library.opcheck(torch.ops.flm_rt.vocab_pass_argmax.default, (y, w, b, 30.0, 16, True))
+    torch.library.opcheck(torch.ops.flm_rt.vocab_pass_argmax.default, (y.bfloat16(), w.bfloat16(), None, 0.0, 16,
+                                                                       False), {"screen": True})
+    torch.library.opcheck(torch.ops.flm_rt.vocab_pass_embed.default, (y, w, b, e, 30.0, 16, True))
+    torch.library.opcheck(torch.ops.flm_rt.vocab_pass_embed.default, (y.half(), w.half(), b.half(), e, 61.0, 16, False))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=cuda_only) for d in (torch.float32, torch.bfloat16)],
+                         ids=str)
+def test_cuda_graph_capture_and_replay(dtype):
+    g = torch.Generator().manual_seed(21)
+    y, w, b, e = to_cuda(torch.randn(64, 48, generator=g).to(dtype), torch.randn(3001, 48, generator=g).to(dtype),
+                         torch.randn(3001, generator=g).to(dtype), torch.randn(3001, 16, generator=g))
+
+    def run():
+        return (ops.vocab_pass_argmax(y, w, b, 30.0, chunk=1000, backend="ext"),
+                ops.vocab_pass_embed(y, w, b, e, 61.0, chunk=1000, backend="ext"))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture (cuBLAS handles and workspaces)
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        (idx, val), emb = run()
+    for seed in (11, 12):  # new inputs in the same buffers, then replay: equal to the eager call
+        gg = torch.Generator().manual_seed(seed)
+        y.copy_(torch.randn(y.shape, generator=gg).to(dtype))
+        idx.fill_(-1)
+        emb.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        (want_i, want_v), want_e = run()
+        assert torch.equal(idx, want_i) and torch.equal(val, want_v)
+        torch.testing.assert_close(emb, want_e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda_only, id="cuda")])
+def test_cuda_non_default_stream(_):
+    y, w, b = to_cuda(*int_problem((256,), 32, 5003, torch.bfloat16, seed=9))
+    e = torch.randn(5003, 8).cuda()
+    want_i, _v = ops.vocab_pass_argmax_reference(y, w, b, 30.0)
+    want_e = ops.vocab_pass_embed_reference(y, w, b, e, 30.0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got_i, _v = kernel_argmax(y, w, b, 30.0, 1024, False)
+        got_e = torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, 30.0, 1024, False)
+    s.synchronize()
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_e, want_e, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda_only, id="cuda")])
+def test_cuda_peak_memory_grows_with_the_chunk_not_the_vocabulary(_):
+    """torch.cuda.max_memory_allocated above the inputs during one call: the fused pass holds [rows, chunk] blocks
+    (argmax: rows*chunk*4 bytes in float32; embed: the same, plus the [rows, De] accumulator), the reference the
+    whole [rows, V] logits (134 MB here)."""
+    rows, d, V, De = 512, 64, 65536, 16
+    g = torch.Generator().manual_seed(5)
+    y, w, b, e = to_cuda(torch.randn(rows, d, generator=g), torch.randn(V, d, generator=g),
+                         torch.randn(V, generator=g), torch.randn(V, De, generator=g))
+
+    def peak(fn):
+        fn()  # warm-up: cuBLAS workspaces are allocated once
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - before
+
+    whole = rows * V * 4
+    assert peak(lambda: ops.vocab_pass_argmax_reference(y, w, b, 30.0)) >= whole
+    slack = 1 << 20
+    for chunk in (1024, 4096):
+        block = rows * chunk * 4
+        am = peak(lambda: kernel_argmax(y, w, b, 30.0, chunk, False))
+        em = peak(lambda: torch.ops.flm_rt.vocab_pass_embed(y, w, b, e, 61.0, chunk, False))
+        assert block <= am <= block + slack, (chunk, am)
+        assert block <= em <= block + 2 * rows * De * 4 + slack, (chunk, em)
+        assert em < whole / 8

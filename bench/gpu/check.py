@@ -10,7 +10,8 @@ Steps, each in its own process with a time box; a failure is recorded and the ne
   info        flm_rt.build_info() and nvidia-smi
   tests       the CUDA tests (pytest -m cuda: op tests, CUDA graphs, streams, >2^31 elements, opcheck, golden)
   golden      the golden cases on the device: fp32 token identity, bf16 agreement
-  ops         both ops' bandwidth as % of a device-to-device copy, and the eager torch sequence beside them
+  ops         both ops' bandwidth as % of a device-to-device copy, and the eager torch sequence beside them;
+              the fused vocabulary pass on / off at the OWT shape (ms, peak memory)
   e2e         generate at the OWT / LM1B shapes vs the reference path: ms/sample, tokens/s, peak memory
   memcheck, racecheck, initcheck, synccheck    compute-sanitizer over bench/gpu/sanitize_driver.py
   ncu         Nsight Compute summary of both kernels (if time remains)
@@ -248,7 +249,8 @@ class Kit:
     def tests(self) -> None:
         junit = self.logs / "junit.xml"
         junit.unlink(missing_ok=True)
-        files = ["tests/test_ops.py", "tests/test_ops_cuda.py", "tests/test_golden_cuda.py", "tests/test_cuda_graphs.py"]
+        files = ["tests/test_ops.py", "tests/test_ops_cuda.py", "tests/test_golden_cuda.py", "tests/test_cuda_graphs.py",
+                 "tests/test_vocab_pass.py"]
         sel = ["-k", "cpu and misaligned"] if self.cpu else ["-m", "cuda"]
         res = self.run_step("tests", [self.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *sel,
                                       f"--junitxml={junit}", "-o", "addopts=-ra"])
@@ -503,6 +505,25 @@ def markdown(res: dict) -> str:
                 out.append(f"| {c['rows']} | {c['V']} | {c['logits_dtype']} | {op} | {_fmt(k.get('median_ms'), '.3f')} | "
                            f"{_fmt(k.get('gbps'), '.0f')} | {_fmt(k.get('pct_of_copy'))} | "
                            f"{_fmt(e.get('median_ms'), '.3f')} | {_fmt(e.get('pct_of_copy'))} |")
+    vp = (ops or {}).get("vocab_pass") or {}
+    if vp.get("cases"):
+        out += ["", "## Fused vocabulary pass on / off", "",
+                f"flm_rt::vocab_pass_argmax / vocab_pass_embed ({vp.get('backend')}) against the reference that builds "
+                "the whole [rows, V] logits; peak MB: allocated above the inputs during one call.", "",
+                "| op | dtype | rows | V | D | chunk | mode | ms | peak MB | x whole | ids agree | embed rel err |",
+                "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for c in vp["cases"]:
+            if c.get("status") != "ok":
+                out.append(f"| {c['op']} | {c['dtype']} | {c['rows']} | {c['V']} | {c['D']} | {c['chunk']} | "
+                           f"{c['mode']} | {c.get('status')}: {c.get('error', '')[:80]} | | | | |")
+                continue
+            out.append(f"| {c['op']} (cap {c.get('cap', '-')}) | {c['dtype']} | {c['rows']} | {c['V']} | {c['D']} | "
+                       f"{c['chunk']} | {c['mode']} | "
+                       f"{_fmt(c['median_ms'], '.3f')} | {_fmt(c.get('peak_mb'), '.1f')} | "
+                       f"{_fmt(c.get('speedup_vs_whole'), '.2f')} | {_fmt(c.get('argmax_ids_agreement'), '.4f')} | "
+                       f"{_fmt(c.get('embed_rel_err'), '.1e')} |")
+    elif vp.get("status"):
+        out += ["", f"Fused vocabulary pass: {vp['status']}: {vp.get('error', '')}"]
     e2e = res.get("e2e")
     if e2e:
         out += ["", "## End to end: generate (random weights)", "",
@@ -545,6 +566,11 @@ def summary(res: dict) -> str:
                          f"{_fmt(r.get('vocab_argmax', {}).get('pct_of_copy'), '.0f')}% (eager "
                          f"{_fmt(r.get('flow_map_step[eager]', {}).get('pct_of_copy'), '.0f')}% / "
                          f"{_fmt(r.get('vocab_argmax[eager]', {}).get('pct_of_copy'), '.0f')}%)")
+    for c in (ops.get("vocab_pass") or {}).get("cases", []):
+        if c.get("status") == "ok" and c["mode"] == "fused":
+            lines.append(f"  vocab pass {c['op']} {c['rows']}x{c['V']} {c['dtype']}: {c['median_ms']:.3f} ms, "
+                         f"x{_fmt(c.get('speedup_vs_whole'), '.2f')} vs whole logits, peak "
+                         f"{_fmt(c.get('peak_mb'), '.0f')} MB")
     for c in (res.get("e2e") or {}).get("cases", []):
         if c.get("status") == "ok" and c["row"].startswith("flm_rt") and c["steps"] == 1:
             lines.append(f"  e2e {c['shape']} B={c['batch']} {c['dtype']} {c['row']}: {c['ms_per_sample']:.3f} ms/sample, "

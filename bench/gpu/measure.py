@@ -7,7 +7,8 @@
 
 * ``ops``: achieved bandwidth of flm_rt::flow_map_step and flm_rt::vocab_argmax (and of the eager torch sequence
   that defines them) as a share of a device-to-device copy measured in the same process. Bytes are the fewest
-  each op must move: every input read once, every output written once.
+  each op must move: every input read once, every output written once. Also the fused vocabulary pass on and off
+  (``vocab_pass``: ms and peak memory at the OWT shape, B = 1).
 * ``e2e``: ``flm_rt.generate`` against the reference sampler run at the reference's own precision (bf16 autocast
   on CUDA), random weights at the OWT and LM1B shapes: ms per sample, tokens/s, peak memory.
 * ``golden``: the golden cases on the device: fp32 token identity and bf16-autocast agreement.
@@ -124,7 +125,71 @@ def run_ops(device: torch.device, tiny: bool) -> dict:
                     case.update(_failure(e))
                 _free_cache(device)
                 out["cases"].append(case)
+    try:
+        out["vocab_pass"] = run_vocab_pass(device, tiny)
+    except Exception as e:  # recorded beside the cases above
+        out["vocab_pass"] = _failure(e)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ fused vocab pass
+def run_vocab_pass(device: torch.device, tiny: bool) -> dict:
+    """The fused vocabulary pass (flm_rt::vocab_pass_argmax / vocab_pass_embed, issue 17) on and off at the OWT
+    shape with B = 1 (rows 1024, V 50258, D 768): "fused" is the compiled chunked pass, "whole" the reference that
+    builds the [rows, V] logits. Per case: median ms, peak memory above the inputs, and the agreement of the two."""
+    rows, V, D = (64, 2049, 32) if tiny else (1024, 50258, 768)
+    cases = []
+    for dt in (torch.float32, torch.bfloat16):
+        g = torch.Generator(device=device).manual_seed(7)
+        y = torch.randn(rows, D, device=device, generator=g).to(dt)
+        w = (torch.randn(V, D, device=device, generator=g) / D**0.5).to(dt)
+        b = (0.1 * torch.randn(V, device=device, generator=g)).to(dt)
+        e = torch.randn(V, D, device=device, generator=g)
+        chunk = ops.vocab_chunk(rows=rows)
+        am_cap = 0.0 if dt == torch.float32 else LOGIT_SOFTCAP  # the samplers' output_ids rule
+        fns = {
+            ("argmax", "fused"): lambda: ops.vocab_pass_argmax(y, w, b, am_cap, chunk=chunk, backend="ext"),
+            ("argmax", "whole"): lambda: ops.vocab_pass_argmax_reference(y, w, b, am_cap),
+            ("embed", "fused"): lambda: ops.vocab_pass_embed(y, w, b, e, LOGIT_SOFTCAP, chunk=chunk, backend="ext"),
+            ("embed", "whole"): lambda: ops.vocab_pass_embed_reference(y, w, b, e, LOGIT_SOFTCAP),
+        }
+        outs = {}
+        for (op, mode), fn in fns.items():
+            case = {"op": op, "mode": mode, "rows": rows, "V": V, "D": D, "chunk": min(chunk, V),
+                    "dtype": str(dt).replace("torch.", ""), "cap": am_cap if op == "argmax" else LOGIT_SOFTCAP}
+            try:
+                with torch.no_grad():
+                    case.update(time_ms(fn, device, warmup=2, repeats=10))  # (warm: cuBLAS workspaces exist)
+                    _free_cache(device)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                        before = torch.cuda.memory_allocated(device)
+                    outs[(op, mode)] = fn()
+                    synchronize(device)
+                    if device.type == "cuda":
+                        case["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                    case["status"] = "ok"
+            except Exception as ex:  # recorded; the next case runs
+                case.update(_failure(ex))
+            cases.append(case)
+        try:
+            fa, wa = outs[("argmax", "fused")][0], outs[("argmax", "whole")][0]
+            fe, we = outs[("embed", "fused")], outs[("embed", "whole")]
+            agree = {"argmax_ids_agreement": float((fa == wa).float().mean()),
+                     "embed_max_abs_err": float((fe - we).abs().max()),
+                     "embed_rel_err": float((fe - we).norm() / we.norm())}
+        except KeyError:
+            agree = {}
+        for c in cases[-4:]:
+            c.update(agree)
+        del y, w, b, e, outs
+        _free_cache(device)
+    for c in cases:  # fused against whole, same op and dtype
+        if c["mode"] == "fused" and c.get("status") == "ok":
+            for r in cases:
+                if r["mode"] == "whole" and r.get("status") == "ok" and r["op"] == c["op"] and r["dtype"] == c["dtype"]:
+                    c["speedup_vs_whole"] = r["median_ms"] / c["median_ms"]
+    return {"cases": cases, "backend": ops.kernels_backend(device, torch.float32, "vocab_pass_argmax")}
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -1,8 +1,9 @@
-"""A small driver of both CUDA ops for compute-sanitizer (memcheck, racecheck, initcheck, synccheck) and ncu.
+"""A small driver of the CUDA ops for compute-sanitizer (memcheck, racecheck, initcheck, synccheck) and ncu.
 
 Every kernel variant runs once: warp-per-row and block-per-row launches (V below and above the switch points),
 f32 / bf16 / f16 logits, capped (fixed-shift and online) and uncapped, with and without eps, in place and not,
-16-byte aligned rows and misaligned views (the scalar path). Each result is checked against the PyTorch
+16-byte aligned rows and misaligned views (the scalar path); the fused vocabulary pass (both fold kernels, every
+logits dtype and cap). Each result is checked against the PyTorch
 reference, so a run that the sanitizer passes also computed the right thing. ``--ncu``: a few large launches
 (8192 x 50258) to profile instead.
 """
@@ -52,7 +53,34 @@ def check_all(device: torch.device) -> int:
                 if not torch.equal(idx, torch.argmax(logits, dim=-1)):
                     print(f"MISMATCH vocab_argmax V={V} {dt} misaligned={misaligned}")
                     bad += 1
+    bad += check_vocab_pass(device)
     torch.cuda.synchronize(device)
+    return bad
+
+
+def check_vocab_pass(device: torch.device) -> int:
+    """flm_rt::vocab_pass_argmax / vocab_pass_embed: warp-per-row (chunk <= 1024) and block-per-row folds, a last
+    chunk narrower than the others, every logits dtype, caps 30 (fixed shift), 61 (online max) and none. Integer
+    data: the ids and values must equal the reference's exactly."""
+    bad = 0
+    g = torch.Generator(device=device).manual_seed(1)
+    rows, D, V = 5, 16, 2500
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        y = torch.randint(-2, 3, (rows, D), device=device, generator=g).to(dt)
+        w = torch.randint(-2, 3, (V, D), device=device, generator=g).to(dt)
+        b = torch.randint(-2, 3, (V,), device=device, generator=g).to(dt)
+        e = torch.randn(V, 8, device=device, generator=g)
+        for chunk in (700, 2048):
+            for cap in (LOGIT_SOFTCAP, 61.0, 0.0):
+                got = ops.vocab_pass_argmax(y, w, b, cap, chunk=chunk, backend="ext")
+                want = ops.vocab_pass_argmax_reference(y, w, b, cap)
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    print(f"MISMATCH vocab_pass_argmax {dt} chunk={chunk} cap={cap}")
+                    bad += 1
+                emb = ops.vocab_pass_embed(y, w, b, e, cap, chunk=chunk, backend="ext")
+                if not torch.allclose(emb, ops.vocab_pass_embed_reference(y, w, b, e, cap), rtol=2e-5, atol=2e-6):
+                    print(f"MISMATCH vocab_pass_embed {dt} chunk={chunk} cap={cap}")
+                    bad += 1
     return bad
 
 
@@ -65,6 +93,10 @@ def ncu_workload(device: torch.device) -> None:
         ops.flow_map_step(z, logits, a, b, c, eps, LOGIT_SOFTCAP, backend="ext")
         ops.vocab_argmax(logits, backend="ext")
         del logits, z, eps
+        y, w = torch.randn(1024, 768, device=device).to(dt), torch.randn(V, 768, device=device).to(dt)  # OWT, B = 1
+        ops.vocab_pass_argmax(y, w, None, LOGIT_SOFTCAP, backend="ext")
+        ops.vocab_pass_embed(y, w, None, torch.randn(V, 768, device=device), LOGIT_SOFTCAP, backend="ext")
+        del y, w
     torch.cuda.synchronize(device)
 
 

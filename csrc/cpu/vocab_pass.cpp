@@ -16,6 +16,7 @@
 // chooses). The chunk loop is in C++ so that one op call does the whole pass; threads come from the GEMMs and
 // from ATen's element-wise ops (both at::parallel_for under the hood).
 #include "../op_wrappers.h"
+#include "../vocab_pass_checks.h"
 #include "dispatch.h"
 
 #include <ATen/ATen.h>
@@ -38,39 +39,6 @@
 
 namespace flm_rt {
 namespace {
-
-// ------------------------------------------------------------------------------------------ input validation
-struct PassShape {
-  int64_t rows, D, V;
-};
-
-PassShape check_pass_inputs(const char* op, const at::Tensor& y, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, int64_t chunk) {
-  TORCH_CHECK(y.defined() && weight.defined(), op, ": y and weight must be defined tensors");
-  TORCH_CHECK(y.device().is_cpu() && weight.device().is_cpu(), op, ": expected CPU tensors, got y on ", y.device(),
-              " and weight on ", weight.device());
-  TORCH_CHECK(is_supported_logits_dtype(y.scalar_type()), op, ": y must be float32, bfloat16 or float16, got ",
-              y.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == y.scalar_type(), op, ": weight must have the dtype of y (", y.scalar_type(),
-              "), got ", weight.scalar_type());
-  TORCH_CHECK(y.dim() >= 1, op, ": y must have at least one dimension [..., D], got a 0-dim tensor");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [V, D], got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == y.size(-1), op, ": weight is [V, D] = ", weight.sizes(), " but y has D = ",
-              y.size(-1));
-  const int64_t V = weight.size(0);
-  TORCH_CHECK(V > 0, op, ": the vocabulary (weight.shape[0]) must be non-empty, got weight ", weight.sizes());
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU, got ", bias->device());
-    TORCH_CHECK(bias->scalar_type() == y.scalar_type(), op, ": bias must have the dtype of y (", y.scalar_type(),
-                "), got ", bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, op, ": bias must be [V] = [", V, "], got ", bias->sizes());
-  }
-  TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1, got ", chunk);
-  const int64_t D = y.size(-1);
-  int64_t rows = 1;
-  for (int64_t i = 0; i + 1 < y.dim(); ++i) rows *= y.size(i);  // (also for D = 0, where numel / D is not)
-  return {rows, D, V};
-}
 
 // ---------------------------------------------------------------------------------- prepacked weight chunks
 // Reordered (oneDNN blocked) copies of row chunks of a weight, cached per weight tensor. An entry holds a weak
@@ -208,12 +176,6 @@ struct ChunkedProjection {
     return b ? at::addmm(*b, y2, w.t()) : at::mm(y2, w.t());
   }
 };
-
-std::vector<int64_t> row_sizes(const at::Tensor& y) {
-  auto s = y.sizes().vec();
-  s.pop_back();
-  return s;
-}
 
 // ---------------------------------------------------------------------------------------------- argmax
 // The exact pass over rows y2 [R, D] (contiguous): best_i / best_v [R] (values widened to float32).
@@ -502,7 +464,7 @@ bool screened_argmax_rows(const at::Tensor& y2, const at::Tensor& weight, const 
 std::tuple<at::Tensor, at::Tensor> vocab_pass_argmax_cpu(const at::Tensor& y, const at::Tensor& weight,
                                                          const std::optional<at::Tensor>& bias, double cap,
                                                          int64_t chunk, bool prepacked, bool screen) {
-  const PassShape s = check_pass_inputs("flm_rt::vocab_pass_argmax", y, weight, bias, chunk);
+  const PassShape s = check_pass_inputs("flm_rt::vocab_pass_argmax", y, weight, bias, chunk, c10::DeviceType::CPU);
   auto [idx, val] = empty_argmax_outputs(y);
   if (s.rows == 0) return {idx, val};
   at::NoGradGuard no_grad;
@@ -520,13 +482,9 @@ std::tuple<at::Tensor, at::Tensor> vocab_pass_argmax_cpu(const at::Tensor& y, co
 at::Tensor vocab_pass_embed_cpu(const at::Tensor& y, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& embed, double cap, int64_t chunk, bool prepacked) {
   const char* op = "flm_rt::vocab_pass_embed";
-  const PassShape s = check_pass_inputs(op, y, weight, bias, chunk);
-  TORCH_CHECK(embed.defined() && embed.device().is_cpu(), op, ": embed must be a CPU tensor");
-  TORCH_CHECK(embed.scalar_type() == at::kFloat, op, ": embed must be float32, got ", embed.scalar_type());
-  TORCH_CHECK(embed.dim() == 2 && embed.size(0) == s.V, op, ": embed must be [V, De] with V = ", s.V, ", got ",
-              embed.sizes());
-  const int64_t De = embed.size(1);
-  auto out_sizes = row_sizes(y);
+  const PassShape s = check_pass_inputs(op, y, weight, bias, chunk, c10::DeviceType::CPU);
+  const int64_t De = check_pass_embed(op, y, embed, s);
+  auto out_sizes = pass_row_sizes(y);
   out_sizes.push_back(De);
   if (s.rows == 0) return at::empty(out_sizes, y.options().dtype(at::kFloat));
   at::NoGradGuard no_grad;
