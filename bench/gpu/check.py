@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SANITIZERS = ("memcheck", "racecheck", "initcheck", "synccheck")
 # (seconds it may take at most, seconds it needs at least to be worth starting)
-BOXES = {"build": (300, 60), "info": (60, 10), "tests": (150, 30), "golden": (60, 15), "ops": (90, 20),
+BOXES = {"build": (300, 60), "info": (60, 10), "tests": (180, 30), "golden": (60, 15), "ops": (90, 20),
          "e2e": (150, 30), "memcheck": (60, 20), "racecheck": (60, 20), "initcheck": (60, 20),
          "synccheck": (60, 20), "ncu": (75, 30), "profile": (45, 20)}
 
