@@ -297,7 +297,9 @@ std::tuple<at::Tensor, at::Tensor> vocab_pass_argmax_cuda(const at::Tensor& y, c
                                                           int64_t chunk, bool /*prepacked*/, bool /*screen*/) {
   const PassShape s = check_pass_inputs("flm_rt::vocab_pass_argmax", y, weight, bias, chunk, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(y.device());
-  auto [idx, val] = empty_argmax_outputs(y);
+  // (no structured binding: lambdas below capture idx and val, which C++17 does not allow for bindings)
+  at::Tensor idx, val;
+  std::tie(idx, val) = empty_argmax_outputs(y);
   if (s.rows == 0) return {idx, val};
   const at::NoGradGuard no_grad;
   const ChunkedProjection proj(y, weight, bias, chunk, s);
