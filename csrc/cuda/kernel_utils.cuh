@@ -2,10 +2,13 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace flm_rt::cuda {
@@ -167,6 +170,42 @@ __device__ __forceinline__ void warp_reduce_am(float& v, int64_t& i) {
       i = i2;
     }
   }
+}
+
+// (v, i) of the whole row when NT threads (one warp, or a block of NT / 32 warps) each hold a candidate; the
+// result is valid in the first warp. sm_v / sm_i: __shared__ [32] of the calling kernel. An empty candidate is
+// (-inf, none).
+template <int NT>
+__device__ __forceinline__ void row_reduce_am(float& v, int64_t& i, float* sm_v, int64_t* sm_i, int64_t none) {
+  warp_reduce_am(v, i);
+  if constexpr (NT > 32) {
+    constexpr int NW = NT / 32;
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    __syncthreads();
+    if (l == 0) {
+      sm_v[w] = v;
+      sm_i[w] = i;
+    }
+    __syncthreads();
+    v = l < NW ? sm_v[l] : -kInf;
+    i = l < NW ? sm_i[l] : none;
+    warp_reduce_am(v, i);
+  }
+}
+
+// Launches a row kernel on the current stream: kernel32 (one warp per row, kWarpModeBlock / 32 rows per block)
+// for rows of at most warp_max_width entries, else kernel_block (one block of block_threads per row).
+template <typename Args>
+inline void launch_row_kernel(int64_t width, int64_t rows, int64_t warp_max_width, void (*kernel32)(Args),
+                              void (*kernel_block)(Args), int block_threads, const Args& args) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (width <= warp_max_width) {
+    const int64_t groups = (rows + kWarpModeBlock / 32 - 1) / (kWarpModeBlock / 32);
+    kernel32<<<static_cast<unsigned>(std::min(groups, kMaxGrid)), kWarpModeBlock, 0, stream>>>(args);
+  } else {
+    kernel_block<<<static_cast<unsigned>(std::min(rows, kMaxGrid)), block_threads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

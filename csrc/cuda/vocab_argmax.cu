@@ -75,20 +75,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) argmax_kernel(
       }
     }
 
-    warp_reduce_am(bv, bi);
-    if constexpr (NT > 32) {
-      constexpr int NW = NT / 32;
-      const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-      __syncthreads();
-      if (l == 0) {
-        sm_v[w] = bv;
-        sm_i[w] = bi;
-      }
-      __syncthreads();
-      bv = l < NW ? sm_v[l] : -kInf;
-      bi = l < NW ? sm_i[l] : kNone;
-      warp_reduce_am(bv, bi);
-    }
+    row_reduce_am<NT>(bv, bi, sm_v, sm_i, kNone);
     if (lane == 0) {
       p.indices[row] = bi;
       p.values[row] = xr[bi];  // the stored element itself (exact, original NaN payload)
@@ -105,14 +92,7 @@ void run_argmax(const at::Tensor& xc, const at::Tensor& idx, const at::Tensor& v
   args.rows = shape.rows;
   args.V = shape.V;
   args.aligned = aligned16(args.x);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (args.V <= 4096) {
-    const int64_t groups = (args.rows + kWarpModeBlock / 32 - 1) / (kWarpModeBlock / 32);
-    argmax_kernel<T, 32><<<static_cast<unsigned>(std::min(groups, kMaxGrid)), kWarpModeBlock, 0, stream>>>(args);
-  } else {
-    argmax_kernel<T, 512><<<static_cast<unsigned>(std::min(args.rows, kMaxGrid)), 512, 0, stream>>>(args);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_kernel<ArgmaxArgs<T>>(args.V, args.rows, 4096, argmax_kernel<T, 32>, argmax_kernel<T, 512>, 512, args);
 }
 
 struct CudaArgmax {

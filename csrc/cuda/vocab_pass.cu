@@ -135,20 +135,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_argmax_ke
     }
     if (bi == kNone && lane < p.n) bi = lane;  // all of this thread's entries are -inf: its first one
 
-    warp_reduce_am(bv, bi);
-    if constexpr (NT > 32) {
-      constexpr int NW = NT / 32;
-      const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-      __syncthreads();
-      if (l == 0) {
-        sm_v[w] = bv;
-        sm_i[w] = bi;
-      }
-      __syncthreads();
-      bv = l < NW ? sm_v[l] : -kInf;
-      bi = l < NW ? sm_i[l] : kNone;
-      warp_reduce_am(bv, bi);
-    }
+    row_reduce_am<NT>(bv, bi, sm_v, sm_i, kNone);
     if (lane == 0) {
       // bv is a value of dtype T (rounded by the cap, or a widened element): narrowing it back is exact
       const float old = p.first ? 0.0f : static_cast<float>(p.values[row]);
@@ -162,15 +149,8 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_argmax_ke
 
 template <typename T>
 void launch_fold_argmax(const FoldArgmaxArgs<T>& args) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (args.n <= kWarpModeMaxWidth) {
-    const int64_t groups = (args.rows + kWarpModeBlock / 32 - 1) / (kWarpModeBlock / 32);
-    fold_argmax_kernel<T, 32><<<static_cast<unsigned>(std::min(groups, kMaxGrid)), kWarpModeBlock, 0, stream>>>(args);
-  } else {
-    fold_argmax_kernel<T, kRowBlock>
-        <<<static_cast<unsigned>(std::min(args.rows, kMaxGrid)), kRowBlock, 0, stream>>>(args);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_kernel<FoldArgmaxArgs<T>>(args.n, args.rows, kWarpModeMaxWidth, fold_argmax_kernel<T, 32>, fold_argmax_kernel<T, kRowBlock>,
+                             kRowBlock, args);
 }
 
 // ----------------------------------------------------------------------------------------- online softmax
@@ -243,15 +223,8 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_softmax_k
 
 template <typename T>
 void launch_fold_softmax(const FoldSoftmaxArgs<T>& args) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (args.n <= kWarpModeMaxWidth) {
-    const int64_t groups = (args.rows + kWarpModeBlock / 32 - 1) / (kWarpModeBlock / 32);
-    fold_softmax_kernel<T, 32><<<static_cast<unsigned>(std::min(groups, kMaxGrid)), kWarpModeBlock, 0, stream>>>(args);
-  } else {
-    fold_softmax_kernel<T, kRowBlock>
-        <<<static_cast<unsigned>(std::min(args.rows, kMaxGrid)), kRowBlock, 0, stream>>>(args);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_kernel<FoldSoftmaxArgs<T>>(args.n, args.rows, kWarpModeMaxWidth, fold_softmax_kernel<T, 32>, fold_softmax_kernel<T, kRowBlock>,
+                             kRowBlock, args);
 }
 
 // ------------------------------------------------------------------------------------------- chunk GEMMs
