@@ -113,20 +113,12 @@ class Rotary(nn.Module):
         return torch.cos(angles), torch.sin(angles)
 
 
-# Halves convention: x = [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos] in the dtype of x; x [..., L, d],
-# cos/sin [L, d/2]. Defined in ops (the reference of the fused rotary_split).
-apply_rotary = ops.rotary_reference
-
-
 def split_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int):
-    """A block's qkv [B, L, 3D] -> q, k (with the rotary embedding), v, each [B, H, L, d]; in CPU inference one
-    pass of ``ops.rotary_split`` (the same bits)."""
+    """A block's qkv [B, L, 3D] -> q, k (with the rotary embedding of ``ops.rotary_reference``, halves
+    convention), v, each [B, H, L, d]; in CPU inference one pass of ``ops.rotary_split`` (the same bits)."""
     if _cpu_op(qkv, "rotary_split"):
         return ops.rotary_split(qkv, cos, sin, n_heads).unbind(0)
-    b, l, _ = qkv.shape
-    x = qkv.view(b, l, 3, n_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
-    qk = apply_rotary(x[:2], cos, sin)  # q and k together
-    return qk[0], qk[1], x[2]
+    return ops.rotary_heads(qkv, cos, sin, n_heads)
 
 
 class LayerNorm(nn.Module):

@@ -160,11 +160,18 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def rotary_split_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """qkv [B, L, 3 * n_heads * d] -> [3, B, n_heads, L, d]: ``rotary_reference`` of q and k, then v."""
+def rotary_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int):
+    """qkv [B, L, 3 * n_heads * d] -> q, k, v, each [B, n_heads, L, d]: ``rotary_reference`` of q and k (computed
+    together), v a view of qkv. The plain ops (what autograd and the exporters see)."""
     b, l, width = qkv.shape
-    x = qkv.view(b, l, 3, n_heads, width // (3 * n_heads)).permute(2, 0, 3, 1, 4)
-    return torch.cat([rotary_reference(x[:2], cos, sin), x[2:]])
+    x = qkv.view(b, l, 3, n_heads, width // (3 * n_heads)).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
+    qk = rotary_reference(x[:2], cos, sin)
+    return qk[0], qk[1], x[2]
+
+
+def rotary_split_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """qkv [B, L, 3 * n_heads * d] -> [3, B, n_heads, L, d]: ``rotary_heads`` stacked."""
+    return torch.stack(rotary_heads(qkv, cos, sin, n_heads))
 
 
 def scaled_add_reference(base: torch.Tensor, x: torch.Tensor, w: torch.Tensor,

@@ -1,5 +1,5 @@
 """flm_rt::rotary_split -- a block's qkv [B, L, 3 H d] -> [3, B, H, L, d] with the rotary embedding of q and k --
-against its PyTorch reference (ops.rotary_split_reference: permuted views, model.apply_rotary, concatenation).
+against its PyTorch reference (ops.rotary_split_reference: permuted views, ops.rotary_reference, stacking).
 
 Tolerance: none. The kernel rounds where the reference's ops round (cos and sin to the dtype of qkv, then every
 product and every sum), so the outputs are equal bit for bit, NaN and infinities included; the per-capability

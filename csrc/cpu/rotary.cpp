@@ -3,7 +3,7 @@
 //
 //   qkv [B, L, 3 * H * hd]  ->  out [3, B, H, L, hd]:  out[0] = rot(q), out[1] = rot(k), out[2] = v
 //
-// with rot the halves-convention rotary embedding of model.apply_rotary, computed in the dtype of qkv exactly as
+// with rot the halves-convention rotary embedding of ops.rotary_reference, computed in the dtype of qkv exactly as
 // its plain-PyTorch ops round (cos / sin rounded to that dtype, every product and sum rounded). One read of qkv
 // and one write of out, in the layout the attention's batched products read, instead of the permuted views, the
 // four products, two sums, the concatenation and the copy of v. at::parallel_for over the B * L token rows; the

@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 
 #ifndef CPU_CAPABILITY
@@ -511,32 +510,31 @@ inline float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
+// The first n lanes of v stored as T (rounded to nearest even).
+template <typename T>
+inline void store_n(T* dst, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(dst, n);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(dst, n);
+  }
+}
+
 // x = [x1, x2] -> [x1 c - x2 s, x1 s + x2 c], each product and sum rounded to T (ATen's mul, mul, sub / add on
-// T tensors: the same bits as the plain-PyTorch rotary of model.apply_rotary). n = hd / 2.
+// T tensors: the same bits as the plain-PyTorch ops.rotary_reference). n = hd / 2.
 template <typename T>
 inline void rotate_head(const T* x, T* out, const float* c, const float* s, int64_t n) {
   int64_t j = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + kW <= n; j += kW) {
-      const Vec x1 = Vec::loadu(x + j), x2 = Vec::loadu(x + n + j);
-      const Vec cv = Vec::loadu(c + j), sv = Vec::loadu(s + j);
-      (x1 * cv - x2 * sv).store(out + j);
-      (x1 * sv + x2 * cv).store(out + n + j);
-    }
-  } else {
-    for (; j + kW <= n; j += kW) {
-      const Vec x1 = load_full(x + j), x2 = load_full(x + n + j);
-      const Vec cv = Vec::loadu(c + j), sv = Vec::loadu(s + j);
-      const Vec r1 = round_to<T>(x1 * cv) - round_to<T>(x2 * sv);
-      const Vec r2 = round_to<T>(x1 * sv) + round_to<T>(x2 * cv);
-      at::vec::convert_from_float<T>(r1, r1).store(out + j, kW);  // the final rounding to T
-      at::vec::convert_from_float<T>(r2, r2).store(out + n + j, kW);
-    }
+  for (; j + kW <= n; j += kW) {
+    const Vec x1 = load_full(x + j), x2 = load_full(x + n + j);
+    const Vec cv = Vec::loadu(c + j), sv = Vec::loadu(s + j);
+    store_n<T>(out + j, round_to<T>(x1 * cv) - round_to<T>(x2 * sv), kW);  // the store rounds the sum to T
+    store_n<T>(out + n + j, round_to<T>(x1 * sv) + round_to<T>(x2 * cv), kW);
   }
   for (; j < n; ++j) {
     const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[n + j]);
-    out[j] = static_cast<T>(round_to<T>(round_to<T>(x1 * c[j]) - round_to<T>(x2 * s[j])));
-    out[n + j] = static_cast<T>(round_to<T>(round_to<T>(x1 * s[j]) + round_to<T>(x2 * c[j])));
+    out[j] = static_cast<T>(round_to<T>(x1 * c[j]) - round_to<T>(x2 * s[j]));
+    out[n + j] = static_cast<T>(round_to<T>(x1 * s[j]) + round_to<T>(x2 * c[j]));
   }
 }
 
@@ -559,15 +557,6 @@ void rotary_rows_t(const RotaryParams& p, int64_t r0, int64_t r1) {
         }
       }
     }
-  }
-}
-
-template <typename T>
-inline void store_n(T* dst, const Vec& v, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(dst, n);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(dst, n);
   }
 }
 

@@ -67,33 +67,30 @@ float cap_reciprocal(double cap) { return cap > 0 ? static_cast<float>(1.0 / cap
 // NaN-propagating maximum (at::maximum / at::amax semantics).
 __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
-template <int NT>
-__device__ __forceinline__ float row_reduce_max(float v, float* sm) {
-#pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if constexpr (NT > 32) {
-    constexpr int NW = NT / 32;
-    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-    __syncthreads();
-    if (l == 0) sm[w] = v;
-    __syncthreads();
-    v = l < NW ? sm[l] : -kInf;
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  }
-  return v;
-}
+struct NanMax {
+  __device__ __forceinline__ float operator()(float a, float b) const { return nan_max(a, b); }
+};
+struct Sum {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
 
-template <int NT>
-__device__ __forceinline__ float row_reduce_sum(float v, float* sm) {
-  v = warp_reduce_sum(v);
+// op over the row's threads (one warp, or a block of NT / 32 warps; the result valid in the first warp), with
+// `identity` for the lanes past the last warp. sm: __shared__ [32] of the calling kernel.
+template <int NT, typename Op>
+__device__ __forceinline__ float row_reduce(float v, float* sm, float identity, Op op) {
+  const auto warp = [&](float x) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+  };
+  v = warp(v);
   if constexpr (NT > 32) {
     constexpr int NW = NT / 32;
     const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
     __syncthreads();
     if (l == 0) sm[w] = v;
     __syncthreads();
-    v = warp_reduce_sum(l < NW ? sm[l] : 0.0f);
+    v = warp(l < NW ? sm[l] : identity);
   }
   return v;
 }
@@ -149,8 +146,8 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_argmax_ke
 
 template <typename T>
 void launch_fold_argmax(const FoldArgmaxArgs<T>& args) {
-  launch_row_kernel<FoldArgmaxArgs<T>>(args.n, args.rows, kWarpModeMaxWidth, fold_argmax_kernel<T, 32>, fold_argmax_kernel<T, kRowBlock>,
-                             kRowBlock, args);
+  launch_row_kernel<FoldArgmaxArgs<T>>(args.n, args.rows, kWarpModeMaxWidth, fold_argmax_kernel<T, 32>,
+                            fold_argmax_kernel<T, kRowBlock>, kRowBlock, args);
 }
 
 // ----------------------------------------------------------------------------------------- online softmax
@@ -190,7 +187,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_softmax_k
         pr[k] = e;
         sum += e;
       }
-      sum = row_reduce_sum<NT>(sum, sm);
+      sum = row_reduce<NT>(sum, sm, 0.0f, Sum{});
       if (lane == 0) p.s[row] += sum;
       continue;
     }
@@ -200,7 +197,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_softmax_k
       pr[k] = c;
       mx = nan_max(mx, c);
     }
-    mx = row_reduce_max<NT>(mx, sm);
+    mx = row_reduce<NT>(mx, sm, -kInf, NanMax{});
     const float m_old = p.m[row];
     const float m_new = nan_max(m_old, mx);
     // 1 where the max did not move (also -inf -> -inf); NaN stays NaN
@@ -212,7 +209,7 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_softmax_k
       pr[k] = e;
       sum += e;
     }
-    sum = row_reduce_sum<NT>(sum, sm);
+    sum = row_reduce<NT>(sum, sm, 0.0f, Sum{});
     if (lane == 0) {
       p.s[row] = p.s[row] * fac + sum;
       p.m[row] = m_new;
@@ -223,8 +220,8 @@ __global__ void __launch_bounds__(NT == 32 ? kWarpModeBlock : NT) fold_softmax_k
 
 template <typename T>
 void launch_fold_softmax(const FoldSoftmaxArgs<T>& args) {
-  launch_row_kernel<FoldSoftmaxArgs<T>>(args.n, args.rows, kWarpModeMaxWidth, fold_softmax_kernel<T, 32>, fold_softmax_kernel<T, kRowBlock>,
-                             kRowBlock, args);
+  launch_row_kernel<FoldSoftmaxArgs<T>>(args.n, args.rows, kWarpModeMaxWidth, fold_softmax_kernel<T, 32>,
+                            fold_softmax_kernel<T, kRowBlock>, kRowBlock, args);
 }
 
 // ------------------------------------------------------------------------------------------- chunk GEMMs
