@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_flags", "native_bf16", "bf16_reason", "isa_summary", "warn_if_emulated", "EmulatedDtypeWarning",
+__all__ = ["cpu_flags", "cpu_vendor", "native_bf16", "bf16_reason", "isa_summary", "warn_if_emulated", "EmulatedDtypeWarning",
            "NATIVE_BF16_FLAGS"]
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -35,6 +35,19 @@ def cpu_flags() -> frozenset:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...; "" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def bf16_reason() -> str:
@@ -66,7 +79,10 @@ def isa_summary() -> dict:
     cfg = torch.__config__.show()
     libs = [name for name, key in (("MKL", "USE_MKL=ON"), ("oneDNN", "USE_MKLDNN=ON"), ("OpenBLAS", "BLAS_INFO=open"))
             if key in cfg]
-    return {"machine": platform.machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    from .prepack import fp32_library
+
+    return {"machine": platform.machine(), "vendor": cpu_vendor(), "fp32_prepack_library": fp32_library(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "flags": [f for f in relevant if f in flags], "native_bf16": native_bf16(), "bf16": bf16_reason(),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
             "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"), "blas": libs}

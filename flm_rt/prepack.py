@@ -1,21 +1,28 @@
-"""Prepacked oneDNN weights for the fp32 CPU matmuls of the denoiser.
+"""Prepacked weights for the CPU matmuls of the denoiser: MKL's packed sgemm or oneDNN's blocked layout.
 
-``F.linear`` on CPU re-reads the weight in its PyTorch layout on every call; oneDNN's ``_linear_pointwise`` on a
-weight reordered once into its blocked layout runs the same GEMM 1.2x to 2.2x faster on this model's shapes
-(largest gain on the [V, D] output projection and the [V, D] embedding; figures in docs/KERNELS.md). The
-packed copy is made lazily on first use and cached per weight tensor, keyed on the tensor's storage and version
-counter, so an in-place change or a reload of the weight re-packs it. The cache lives outside the modules
-(state dicts, ``deepcopy`` and export see plain ``nn.Linear`` weights).
+``F.linear`` on CPU re-reads the weight in its PyTorch layout on every call; a GEMM on a weight reordered once into
+the library's own layout runs the same product faster on this model's shapes (1.2x to 2.2x with oneDNN on the
+[V, D] output projection and embedding; figures in docs/KERNELS.md). Two libraries, one per process for fp32
+(:func:`fp32_library`): MKL's packed sgemm (``cblas_sgemm_pack``/``compute`` through ``torch.ops.mkl``), 5-15%
+faster than oneDNN on every block shape on the Intel machines measured, but packed for one row count M (a weight
+keeps its packed copies for the last :data:`MKL_ROW_COUNTS` row counts it met); and oneDNN's
+``_linear_pointwise``, which also fuses the MLP's GELU (so that product takes oneDNN with either library) and
+runs the bf16 products. The packed copies are made lazily on first use and cached per weight tensor, keyed on
+the tensor's storage and version counter, so an in-place change or a reload of the weight re-packs it. The cache
+lives outside the modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear`` weights).
 
 It applies only where it computes the same function as ``F.linear`` up to float rounding (relative 1e-6): fp32
-tensors on CPU, autocast off, no autograd, not while tracing or exporting, and when torch has oneDNN; and to the bf16
-weights of ``dtype="bfloat16"`` models under CPU bf16 autocast where the CPU has native bf16 (flm_rt.cpu_features),
-computing what autocast's ``F.linear`` computes (bf16 inputs and output) up to bf16 rounding. Anything
-else takes ``F.linear``. ``FLM_RT_PREPACK=0`` (or :func:`set_enabled`) turns it off; the cost is one more copy
-of the weights in memory while it is on.
+tensors on CPU, autocast off, no autograd, not while tracing or exporting, and when torch has the library's ops; and
+to the bf16 weights of ``dtype="bfloat16"`` models under CPU bf16 autocast where the CPU has native bf16
+(flm_rt.cpu_features), computing what autocast's ``F.linear`` computes (bf16 inputs and output) up to bf16
+rounding. Anything else takes ``F.linear``. ``FLM_RT_PREPACK=0`` (or :func:`set_enabled`) turns it off;
+``FLM_RT_PREPACK_LIBRARY=mkl|onednn`` overrides the fp32 library (default ``auto``: MKL on Intel CPUs where torch
+has it, else oneDNN). The cost is one more copy of the weights in memory per packed row count.
 """
 from __future__ import annotations
 
+import functools
+import os
 import weakref
 from typing import Optional
 
@@ -25,10 +32,15 @@ import torch.nn.functional as F
 from .limits import env_switch
 from .tracing import is_capturing
 
-__all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_inference"]
+__all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_inference", "fp32_library",
+           "MKL_ROW_COUNTS"]
 
 _ENABLED: Optional[bool] = None  # None: read FLM_RT_PREPACK on first use
-_CACHE: dict = {}  # id(weight) -> (weakref to weight, key, packed); an entry dies with its weight
+# id(weight) -> (weakref to weight, key, {form: packed}); form ("onednn", transposed) or ("mkl", transposed, rows);
+# an entry dies with its weight
+_CACHE: dict = {}
+MKL_ROW_COUNTS = 2  # MKL packed copies kept per weight (one per row count M, the most recently used)
+_LIBRARIES = ("auto", "mkl", "onednn")
 _ACTIVATIONS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh")}
 
 
@@ -52,8 +64,30 @@ _HAVE_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and all(
     hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
+_HAVE_MKL_LINEAR = torch.backends.mkl.is_available() and all(
+    hasattr(torch.ops.mkl, op) for op in ("_mkl_reorder_linear_weight", "_mkl_linear"))
+
+
 def clear_cache() -> None:
     _CACHE.clear()
+    fp32_library.cache_clear()
+
+
+@functools.lru_cache(maxsize=1)
+def fp32_library() -> str:
+    """The library of the fp32 prepacked products without a fused activation: "mkl" or "onednn".
+
+    ``FLM_RT_PREPACK_LIBRARY`` (auto | mkl | onednn) chooses; auto takes MKL on Intel CPUs where torch has its packed
+    sgemm ops (it ran 5-15% faster than oneDNN on every block shape there, docs/KERNELS.md) and oneDNN elsewhere
+    (MKL is not tuned for other vendors' CPUs). Read once per process (:func:`clear_cache` re-reads it)."""
+    raw = os.environ.get("FLM_RT_PREPACK_LIBRARY", "auto").strip().lower() or "auto"
+    if raw not in _LIBRARIES:
+        raise ValueError(f"FLM_RT_PREPACK_LIBRARY must be one of {', '.join(_LIBRARIES)}, got {raw!r}")
+    if raw == "auto":
+        from .cpu_features import cpu_vendor
+
+        raw = "mkl" if cpu_vendor() == "GenuineIntel" else "onednn"
+    return "mkl" if raw == "mkl" and _HAVE_MKL_LINEAR else "onednn"
 
 
 def cpu_fp32_inference(*tensors: torch.Tensor) -> bool:
@@ -84,16 +118,46 @@ def _applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return native_bf16()
 
 
-def _packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), transposed)
+def _forms(weight: torch.Tensor) -> dict:
+    """The packed copies of ``weight`` ({form: packed}), emptied when the weight changed in place or was replaced."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
     wid = id(weight)
     hit = _CACHE.get(wid)
     if hit is not None and hit[0]() is weight and hit[1] == key:
         return hit[2]
-    with torch.no_grad():
-        w = weight.detach()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if transposed else w.contiguous(), None)
-    _CACHE[wid] = (weakref.ref(weight, lambda _, wid=wid: _CACHE.pop(wid, None)), key, packed)
+    forms: dict = {}
+    _CACHE[wid] = (weakref.ref(weight, lambda _, wid=wid: _CACHE.pop(wid, None)), key, forms)
+    return forms
+
+
+def _dense(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The [out, in] contiguous weight the libraries pack from."""
+    w = weight.detach()
+    return w.t().contiguous() if transposed else w.contiguous()
+
+
+def _packed_onednn(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    forms = _forms(weight)
+    form = ("onednn", transposed)
+    if form not in forms:
+        with torch.no_grad():
+            forms[form] = torch.ops.mkldnn._reorder_linear_weight(_dense(weight, transposed), None)
+    return forms[form]
+
+
+def _packed_mkl(weight: torch.Tensor, transposed: bool, rows: int) -> torch.Tensor:
+    """MKL's packed copy for products with ``rows`` rows (torch's op falls back to a plain GEMM on any other M);
+    the least recently used row count is dropped beyond MKL_ROW_COUNTS."""
+    forms = _forms(weight)
+    form = ("mkl", transposed, rows)
+    packed = forms.pop(form, None)
+    if packed is None:
+        with torch.no_grad():
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(_dense(weight, transposed), rows)
+        mkl_forms = [f for f in forms if f[0] == "mkl" and f[1] == transposed]
+        for old in mkl_forms[:max(0, len(mkl_forms) - MKL_ROW_COUNTS + 1)]:
+            del forms[old]
+    forms[form] = packed  # re-inserted last: dict order is the recency order
     return packed
 
 
@@ -106,10 +170,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
-    if _applies(x, weight, bias) or (not transposed and _applies_bf16(x, weight, bias)):
+    fp32 = _applies(x, weight, bias)
+    if fp32 and activation is None and fp32_library() == "mkl":
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if rows > 0:
+            w = weight.detach()
+            b = None if bias is None else bias.detach()
+            # the [out, in] view of the weight is only read on a row-count mismatch, which the cache key rules out
+            return torch.ops.mkl._mkl_linear(x, _packed_mkl(weight, transposed, rows), w.t() if transposed else w,
+                                             b, rows)
+    if fp32 or (not transposed and _applies_bf16(x, weight, bias)):
         attr, algorithm = _ACTIVATIONS[activation]
         b = None if bias is None else bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), _packed(weight, transposed), b, attr, [],
+        return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), _packed_onednn(weight, transposed), b, attr, [],
                                                   algorithm)
     y = torch.matmul(x, weight) if transposed else F.linear(x, weight, bias)
     if transposed and bias is not None:

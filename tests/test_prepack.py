@@ -1,5 +1,6 @@
-"""flm_rt.prepack: the prepacked oneDNN GEMM computes F.linear (rel. 1e-5), follows weight changes, and steps
-aside wherever it does not apply; and the sampler's final argmax rule (flm_rt.samplers.output_ids)."""
+"""flm_rt.prepack: the prepacked GEMMs (MKL's packed sgemm and oneDNN) compute F.linear (rel. 1e-5), follow weight
+changes, and step aside wherever they do not apply; and the sampler's final argmax rule
+(flm_rt.samplers.output_ids)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,23 @@ def prepack_state():
     prepack.clear_cache()
 
 
+@pytest.fixture(params=["mkl", "onednn"])
+def library(request, monkeypatch):
+    """Each fp32 library in turn (FLM_RT_PREPACK_LIBRARY), the process default restored afterwards."""
+    if request.param == "mkl" and not prepack._HAVE_MKL_LINEAR:
+        pytest.skip("torch built without MKL's packed sgemm ops")
+    monkeypatch.setenv("FLM_RT_PREPACK_LIBRARY", request.param)
+    prepack.clear_cache()
+    assert prepack.fp32_library() == request.param
+    yield request.param
+    monkeypatch.undo()
+    prepack.clear_cache()
+
+
+def _form_kinds(w):
+    return sorted(f[0] for f in prepack._CACHE[id(w)][2])
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -40,7 +58,7 @@ def _data(shape, dist, gen):
 @pytest.mark.parametrize("lead", [(), (3,)])
 @pytest.mark.parametrize("dist", ["normal", "uniform", "heavy"])
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
-def test_linear_matches_f_linear(m, k, n, lead, dist, activation):
+def test_linear_matches_f_linear(m, k, n, lead, dist, activation, library):
     g = torch.Generator().manual_seed(m * 1000 + n)
     x = _data((*lead, m, k), dist, g)
     w = _data((n, k), dist, g) / k**0.5
@@ -52,22 +70,70 @@ def test_linear_matches_f_linear(m, k, n, lead, dist, activation):
         got = prepack.linear(x, w, b, activation=activation)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert _rel(got, want) < 1e-5
+    # MKL has no fused GELU: that product stays on oneDNN whichever library is chosen
+    assert _form_kinds(w) == ["mkl" if library == "mkl" and activation is None else "onednn"]
 
 
 @needs_onednn
 @pytest.mark.parametrize("v,d", [(1000, 64), (30, 768)])
-def test_transposed_weight_is_the_embedding_product(v, d):
+def test_transposed_weight_is_the_embedding_product(v, d, library):
     g = torch.Generator().manual_seed(v)
     x = torch.softmax(torch.randn(2, 16, v, generator=g), -1)
     e = torch.randn(v, d, generator=g)
     with torch.no_grad():
         got = prepack.linear(x, e, transposed=True)
     assert _rel(got, x @ e) < 1e-5
-    assert id(e) in prepack._CACHE, "the prepacked path did not run"
+    assert _form_kinds(e) == [library], "the prepacked path did not run"
 
 
 @needs_onednn
-def test_noncontiguous_input():
+def test_mkl_keeps_the_last_row_counts(monkeypatch):
+    """MKL packs for one row count M: a weight keeps MKL_ROW_COUNTS copies, the most recently used ones."""
+    if not prepack._HAVE_MKL_LINEAR:
+        pytest.skip("torch built without MKL's packed sgemm ops")
+    monkeypatch.setenv("FLM_RT_PREPACK_LIBRARY", "mkl")
+    prepack.clear_cache()
+    g = torch.Generator().manual_seed(11)
+    w, b = torch.randn(200, 48, generator=g), torch.randn(200, generator=g)
+    try:
+        with torch.no_grad():
+            for rows in (3, 5, 3, 7, 1, 5):
+                x = torch.randn(rows, 48, generator=g)
+                assert _rel(prepack.linear(x, w, b), F.linear(x, w, b)) < 1e-5, rows
+        forms = list(prepack._CACHE[id(w)][2])
+        assert len(forms) == prepack.MKL_ROW_COUNTS == 2
+        assert forms == [("mkl", False, 1), ("mkl", False, 5)]
+    finally:
+        monkeypatch.undo()
+        prepack.clear_cache()
+
+
+def test_library_choice_and_env(monkeypatch):
+    from flm_rt import cpu_features
+
+    try:
+        monkeypatch.setenv("FLM_RT_PREPACK_LIBRARY", "cublas")
+        prepack.clear_cache()
+        with pytest.raises(ValueError, match="FLM_RT_PREPACK_LIBRARY"):
+            prepack.fp32_library()
+        monkeypatch.setenv("FLM_RT_PREPACK_LIBRARY", "auto")
+        monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "AuthenticAMD")
+        prepack.clear_cache()
+        assert prepack.fp32_library() == "onednn"  # MKL is not tuned for other vendors' CPUs
+        monkeypatch.setattr(cpu_features, "cpu_vendor", lambda: "GenuineIntel")
+        prepack.clear_cache()
+        assert prepack.fp32_library() == ("mkl" if prepack._HAVE_MKL_LINEAR else "onednn")
+        monkeypatch.setattr(prepack, "_HAVE_MKL_LINEAR", False)
+        monkeypatch.setenv("FLM_RT_PREPACK_LIBRARY", "mkl")
+        prepack.clear_cache()
+        assert prepack.fp32_library() == "onednn"  # asked for, but this torch lacks the ops
+    finally:
+        monkeypatch.undo()
+        prepack.clear_cache()
+
+
+@needs_onednn
+def test_noncontiguous_input(library):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 3, 64, generator=g).transpose(0, 1)
     w = torch.randn(128, 64, generator=g)
@@ -76,7 +142,7 @@ def test_noncontiguous_input():
 
 
 @needs_onednn
-def test_cache_follows_in_place_changes_and_reloads():
+def test_cache_follows_in_place_changes_and_reloads(library):
     g = torch.Generator().manual_seed(2)
     lin = torch.nn.Linear(64, 96)
     x = torch.randn(5, 64, generator=g)
@@ -138,7 +204,7 @@ def test_bad_activation():
 
 
 @needs_onednn
-def test_denoiser_with_and_without_prepacking(prepack_state):
+def test_denoiser_with_and_without_prepacking(prepack_state, library):
     cfg = ModelConfig(vocab_size=500, length=24, hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32)
     model = flm_rt.random_model(cfg, seed=5, output_scale=8.0)
     noise = torch.randn(1, 3, 24, 500, generator=torch.Generator().manual_seed(6))

@@ -20,11 +20,12 @@ def rates_table(meta: dict) -> str:
     rates = meta.get("matmul_rates") or {}
     if not rates:
         return ""
-    lines = ["| dtype | torch.mm GFLOP/s | prepacked oneDNN GFLOP/s | best (used) | start / end of run |",
-             "|---|---:|---:|---|---:|"]
+    lines = ["| dtype | torch.mm GFLOP/s | prepacked oneDNN GFLOP/s | MKL packed sgemm GFLOP/s | best (used) | "
+             "start / end of run |",
+             "|---|---:|---:|---:|---|---:|"]
     for dt, r in rates.items():
         lines.append(f"| {dt} | {_fmt(r.get('torch.mm'), '.1f')} | {_fmt(r.get('onednn_prepacked'), '.1f')} | "
-                     f"{_fmt(r.get('best'), '.1f')} ({r.get('best_library')}) | "
+                     f"{_fmt(r.get('mkl_prepacked'), '.1f')} | {_fmt(r.get('best'), '.1f')} ({r.get('best_library')}) | "
                      f"{_fmt(r.get('best_start'), '.1f')} / {_fmt(r.get('best_end'), '.1f')} |")
     n = next(iter(rates.values()))
     return ("\n".join(lines) + f"\n\n{n.get('n')}-square products, {n.get('threads')} thread(s), best of "

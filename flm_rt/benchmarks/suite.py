@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import prepack
 from ..devices import dtype_name
 from ..model import PRESET_SHAPES, preset_config
 from .timing import synchronize, time_calls
@@ -124,12 +125,14 @@ def device_slug(device: torch.device) -> str:
     return f"{device.type}-{short or 'unknown'}"
 
 
+RATE_LIBRARIES = ("torch.mm", "onednn_prepacked", "mkl_prepacked")  # matmul_rates' keys, in its tables' order
+
+
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
                           repeats: int = 5) -> float:
     """Best-of-``repeats`` throughput of one large square GEMM in ``dtype`` (TFLOP/s): ``torch.mm``, and on CPU
-    also the prepacked oneDNN GEMM that flm_rt itself uses (flm_rt.prepack), whichever is faster."""
-    from .. import prepack
-
+    also the prepacked GEMM that flm_rt itself uses (flm_rt.prepack, its library for this process), whichever is
+    faster. (The benchmark suite's efficiencies use :func:`matmul_rates`, which times every library.)"""
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
@@ -151,24 +154,29 @@ def _time_best(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple
 def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, repeats: int = 5) -> dict:
     """The machine's matrix-product rate in ``dtype`` (GFLOP/s), per library, with the same threads as the run:
     ``torch.mm`` (MKL / oneDNN as torch dispatches) and, on CPU, oneDNN's linear on a prepacked weight (what
-    flm_rt.prepack and the fused vocabulary pass use). Best of ``repeats`` after 3 warm-ups, each; ``best`` is
-    the faster library, the rate efficiencies are measured against."""
+    flm_rt.prepack and the fused vocabulary pass use) and, in fp32, MKL's packed sgemm (flm_rt.prepack's other
+    library). Best of ``repeats`` after 3 warm-ups, each; ``best`` is the fastest library, the rate efficiencies
+    are measured against."""
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     flops = 2 * n**3
     out = {"n": n, "threads": torch.get_num_threads(), "repeats": repeats}
-    best_s, times = _time_best(lambda: torch.mm(a, b), device, repeats)
-    out["torch.mm"] = flops / best_s / 1e9
-    out["torch.mm_spread"] = [flops / max(times) / 1e9, flops / min(times) / 1e9]
+
+    def record(name, fn):
+        best_s, times = _time_best(fn, device, repeats)
+        out[name] = flops / best_s / 1e9
+        out[name + "_spread"] = [flops / max(times) / 1e9, flops / min(times) / 1e9]
+
+    record("torch.mm", lambda: torch.mm(a, b))
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
-        best_s, times = _time_best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""),
-                                   device, repeats)
-        out["onednn_prepacked"] = flops / best_s / 1e9
-        out["onednn_prepacked_spread"] = [flops / max(times) / 1e9, flops / min(times) / 1e9]
-    libs = {k: v for k, v in out.items() if k in ("torch.mm", "onednn_prepacked")}
+        record("onednn_prepacked", lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    if device.type == "cpu" and dtype == torch.float32 and prepack._HAVE_MKL_LINEAR:
+        mkl_packed = torch.ops.mkl._mkl_reorder_linear_weight(b, n)
+        record("mkl_prepacked", lambda: torch.ops.mkl._mkl_linear(a, mkl_packed, b, None, n))
+    libs = {k: v for k, v in out.items() if k in RATE_LIBRARIES}
     out["best_library"] = max(libs, key=libs.get)
     out["best"] = libs[out["best_library"]]
     return out
@@ -186,7 +194,7 @@ def device_peak(device: torch.device, dtype: torch.dtype, measured: Optional[flo
                 return {"peak_tflops": peaks[dt], "peak_source": f"datasheet dense {dt}, {key.upper()}",
                         "measured_matmul_tflops": measured}
     return {"peak_tflops": measured,
-            "peak_source": f"measured: best of 5 {'torch.mm or prepacked oneDNN GEMM' if device.type == 'cpu' else 'torch.mm'} "
+            "peak_source": f"measured: best of 5 {'torch.mm or flm_rt.prepack GEMM' if device.type == 'cpu' else 'torch.mm'} "
                            f"{'2048' if device.type == 'cpu' else '8192'}^2 in {dt}, "
                            f"{torch.get_num_threads()} thread(s)",
             "measured_matmul_tflops": measured}
@@ -361,7 +369,7 @@ class Suite:
                 r = self.rates()[self.dtype_name]
                 self._peak = {"peak_tflops": r["best"] / 1e3, "measured_matmul_tflops": r["best"] / 1e3,
                               "peak_source": f"measured: best of {r['repeats']} after 3 warm-ups, the faster of "
-                                             f"torch.mm and a prepacked oneDNN linear ({r['best_library']} won), "
+                                             f"torch.mm, a prepacked oneDNN linear and MKL's packed sgemm ({r['best_library']} won), "
                                              f"{r['n']}^2 in {self.dtype_name}, {r['threads']} thread(s)"}
         return self._peak
 
@@ -374,8 +382,7 @@ class Suite:
             again = matmul_rates(self.device, getattr(torch, name), self.s.rate_n)
             merged = dict(first, best_start=first["best"], best_end=again["best"])
             if again["best"] > first["best"]:
-                merged.update({k: again[k] for k in ("torch.mm", "onednn_prepacked", "best", "best_library")
-                               if k in again})
+                merged.update({k: again[k] for k in (*RATE_LIBRARIES, "best", "best_library") if k in again})
             self._rates[name] = merged
         r = self._rates[self.dtype_name]
         self._peak = dict(self.peak(), peak_tflops=r["best"] / 1e3, measured_matmul_tflops=r["best"] / 1e3,
@@ -681,8 +688,8 @@ class _Skip(Exception):
 
 # ------------------------------------------------------------------------------------------------ GEMM profile
 def gemm_profile(suite: "Suite", shape: str, batch: int, repeats: int = 5) -> dict:
-    """Each matrix product of one network call at (shape, batch), timed alone as flm_rt runs it (prepacked oneDNN
-    linear in fp32; the model's own Linear in other dtypes), and the output projection also as the fused
+    """Each matrix product of one network call at (shape, batch), timed alone as flm_rt runs it (flm_rt.prepack's
+    library in fp32, MKL or oneDNN; the model's own Linear in other dtypes), and the output projection also as the fused
     vocabulary pass (chunked GEMM + running argmax). GFLOP/s against the square product measured in the same run.
     """
     from .. import ops, prepack, samplers
