@@ -109,6 +109,15 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     assert len(ok) == 8
     rates = suite.meta["matmul_rates"]
     assert set(rates) == {"float32", "bfloat16"} and all(r["best"] >= r["torch.mm"] > 0 for r in rates.values())
+    from flm_rt import prepack
+    from flm_rt.benchmarks.suite import RATE_LIBRARIES
+
+    # every library flm_rt.prepack may run is timed (MKL's packed sgemm in fp32 only), and the best one is used
+    assert ("mkl_prepacked" in rates["float32"]) == prepack._HAVE_MKL_LINEAR
+    assert "mkl_prepacked" not in rates["bfloat16"]
+    for r in rates.values():
+        timed = {k: r[k] for k in RATE_LIBRARIES if k in r}
+        assert r["best"] == max(timed.values()) and r["best_library"] == max(timed, key=timed.get)
     by_row = {(r.row, r.steps): r for r in ok}
     bf = by_row[("flm_rt[bfloat16]", 2)]
     assert bf.rate_dtype == "bfloat16" and bf.peak_tflops == pytest.approx(rates["bfloat16"]["best"] / 1e3)
@@ -139,7 +148,7 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["peak_tflops"] == pytest.approx(rates["float32"]["best"] / 1e3) and len(data["results"]) == 9
     assert "| tiny | flm_rt | 1 |" in written["markdown"] and "eff. % adjacent" in written["markdown"]
-    assert "Per-GEMM profile" in written["markdown"] and "prepacked oneDNN GFLOP/s" in written["markdown"]
+    assert "Per-GEMM profile" in written["markdown"] and "MKL packed sgemm GFLOP/s" in written["markdown"]
     assert not (tmp_path / "throughput_vs_batch.png").exists()  # one batch size only
 
     # Each run appends one line to history.jsonl; results.md lists the runs; a rewrite does not append.
