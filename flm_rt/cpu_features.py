@@ -79,10 +79,7 @@ def isa_summary() -> dict:
     cfg = torch.__config__.show()
     libs = [name for name, key in (("MKL", "USE_MKL=ON"), ("oneDNN", "USE_MKLDNN=ON"), ("OpenBLAS", "BLAS_INFO=open"))
             if key in cfg]
-    from .prepack import fp32_library
-
-    return {"machine": platform.machine(), "vendor": cpu_vendor(), "fp32_prepack_library": fp32_library(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"machine": platform.machine(), "vendor": cpu_vendor(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "flags": [f for f in relevant if f in flags], "native_bf16": native_bf16(), "bf16": bf16_reason(),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
             "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"), "blas": libs}

@@ -73,7 +73,11 @@ def markdown_table(results: Sequence, meta: Optional[dict] = None) -> str:
             lines.append("")
             lines.append(f"CPU ISA: torch capability {isa.get('torch_cpu_capability')}, flags "
                          f"{', '.join(isa.get('flags') or []) or '-'}; bf16: {isa.get('bf16')}; BLAS: "
-                         f"{', '.join(isa.get('blas') or [])}." + (f" Checkpoint: {meta['model_path']}."
+                         f"{', '.join(isa.get('blas') or [])}"
+                         + (f"; fp32 products on prepacked weights: {isa['fp32_prepack_library']}"
+                            if isa.get("fp32_prepack_library") else "")
+                         + (f"; vendor {isa['vendor']}" if isa.get("vendor") else "") + "."
+                         + (f" Checkpoint: {meta['model_path']}."
                                                                     if meta.get("model_path") else ""))
         lines.append("")
     lines.append("| shape | row | steps | B | L | V | median ms | min-max ms | IQR ms | ms/token | tokens/s | "

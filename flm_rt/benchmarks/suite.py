@@ -96,9 +96,10 @@ def cpu_name() -> str:
 
 
 def cpu_isa() -> dict:
+    """cpu_features.isa_summary() and the library of flm_rt.prepack's fp32 products in this process."""
     from ..cpu_features import isa_summary
 
-    return isa_summary()
+    return dict(isa_summary(), fp32_prepack_library=prepack.fp32_library())
 
 
 def native_bf16_summary() -> str:
