@@ -199,7 +199,8 @@ def _c_str(s: str) -> str:
 
 
 def build_cpu_variants(build_temp: str) -> list[str]:
-    """Compile vec_kernels.cpp once per CPU capability with a small ninja file (incremental, depfiles)."""
+    """Compile vec_kernels.cpp once per CPU capability (and normal_avx2.cpp with AVX2) with a small ninja file
+    (incremental, depfiles)."""
     out_dir = os.path.abspath(os.path.join(build_temp, "flm_rt_cpu_variants"))
     os.makedirs(out_dir, exist_ok=True)
     cxx = os.environ.get("CXX", "c++")
@@ -229,6 +230,14 @@ def build_cpu_variants(build_temp: str) -> list[str]:
         objs.append(obj)
         lines += [f"build {obj}: cxx {src}", f"  cflags = {' '.join(shlex.quote(f) for f in flags)}",
                   f"  variant = {v}", ""]
+    if "AVX2" in CPU_VARIANTS:
+        # flm_rt::normal_'s AVX2 Box-Muller, with ATen's flags for its AVX2 kernels (GCC's default contraction)
+        flags = CXX_OPT + ["-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", ABI] + incs + [
+            "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
+        obj = os.path.join(out_dir, "normal_avx2.o")
+        objs.append(obj)
+        lines += [f"build {obj}: cxx {os.path.join(ROOT, 'csrc', 'cpu', 'normal_avx2.cpp')}",
+                  f"  cflags = {' '.join(shlex.quote(f) for f in flags)}", "  variant = AVX2", ""]
     _write_if_changed(os.path.join(out_dir, "build.ninja"), "\n".join(lines))
     ninja = shutil.which("ninja")
     if ninja is None:
@@ -268,6 +277,7 @@ CPU_SOURCES = [
     "csrc/cpu/softcap_softmax.cpp",
     "csrc/cpu/rotary.cpp",
     "csrc/cpu/scaled_add.cpp",
+    "csrc/cpu/normal.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/build_info.cu", "csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu",
                 "csrc/cuda/vocab_pass.cu"]

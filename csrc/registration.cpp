@@ -67,6 +67,10 @@ TORCH_LIBRARY(flm_rt, m) {
   // base + x * w as torch.addcmul on float32 operands, stored in dtype (default float32); base, x, w each
   // [B, L, D] or [B, 1, D], float32 / bfloat16 / float16: the blocks' adaLN modulation and gated residual.
   m.def("scaled_add(Tensor base, Tensor x, Tensor w, ScalarType? dtype=None) -> Tensor");
+  // out (float32, contiguous) <- standard-normal draws from generator (None: the default CPU generator), the
+  // same bits as out.normal_(0, 1, generator) and the generator left in the same state (returns nothing, as
+  // flow_map_step_).
+  m.def("normal_(Tensor(a!) out, Generator? generator) -> ()");
 }
 
 namespace {
@@ -112,6 +116,22 @@ void softcap_softmax_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& x, dou
   x.unsafeGetTensorImpl()->bump_version();
 }
 
+// The same for normal_.
+void normal_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& out, const std::optional<at::Generator>& generator) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && out.requires_grad()),
+                              "flm_rt::normal_: derivative is not implemented (the flm_rt ops are not ",
+                              "differentiable); call it under torch.no_grad() or on a tensor that does not require "
+                              "grad");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flm_rt::normal_", "")
+                             .typed<void(at::Tensor&, const std::optional<at::Generator>&)>();
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, out, generator);
+  }
+  out.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 
 // Not differentiable: a backward through the functional ops raises "derivative for flm_rt::... is not
@@ -126,6 +146,7 @@ TORCH_LIBRARY_IMPL(flm_rt, Autograd, m) {
   m.impl("rotary_split", torch::autograd::autogradNotImplementedFallback());
   m.impl("scaled_add", torch::autograd::autogradNotImplementedFallback());
   m.impl("softcap_softmax_", TORCH_FN(softcap_softmax_inplace_autograd));
+  m.impl("normal_", TORCH_FN(normal_inplace_autograd));
 }
 
 namespace flm_rt {

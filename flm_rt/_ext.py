@@ -1,9 +1,9 @@
 """Loading of the compiled extension ``flm_rt._C`` and build information.
 
-Importing ``flm_rt._C`` registers the operators ``torch.ops.flm_rt.{flow_map_step, flow_map_step_,
-vocab_argmax}`` (CPU kernels always, CUDA kernels when the build had nvcc). If the extension is missing or
-fails to load, or ``FLM_RT_DISABLE_EXT=1`` is set, flm_rt keeps working on the pure-PyTorch reference
-operators (flm_rt.ops) and says so once, in one line on stderr.
+Importing ``flm_rt._C`` registers the operators ``torch.ops.flm_rt.*`` named in ``OPS`` (CPU kernels always,
+CUDA kernels when the build had nvcc). If the extension is missing or fails to load, or ``FLM_RT_DISABLE_EXT=1``
+is set, flm_rt keeps working on the pure-PyTorch reference operators (flm_rt.ops) and says so once, in one line
+on stderr.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["EXT_LOADED", "EXT_ERROR", "build_info", "ext_module", "has_kernel", 
 
 OPS = ("flow_map_step", "flow_map_step_", "vocab_argmax", "vocab_pass_argmax", "vocab_pass_embed",
        "softcap_softmax", "softcap_softmax_", "rotary_split",
-       "scaled_add")
+       "scaled_add", "normal_")
 
 EXT_LOADED: bool = False
 EXT_ERROR: str | None = None
@@ -130,7 +130,9 @@ def build_info(short: bool = False) -> dict[str, Any] | str:
     if not EXT_LOADED:
         ext = f"ext: not loaded ({EXT_ERROR}); reference PyTorch ops"
     else:
-        ext = "ext: loaded, ops " + ", ".join(f"{op}[{'/'.join(ks) or '-'}]" for op, ks in ops.items() if op[-1] != "_")
+        # in-place twins of listed ops left out
+        ext = "ext: loaded, ops " + ", ".join(f"{op}[{'/'.join(ks) or '-'}]" for op, ks in ops.items()
+                                              if op[-1] != "_" or op[:-1] not in ops)
     parts = [f"flm_rt {_version()}", ext]
     if EXT_LOADED:
         parts.append(f"cpu kernels: {info['cpu_capability_selected']} (built {'/'.join(info['cpu_capabilities_compiled'])})")

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from . import ops
 from .errors import GenerationError
 from .limits import MAX_SAMPLES, MAX_SEED, brief
 
@@ -39,12 +40,13 @@ def sample_seed(seed: int, k: int) -> int:
 def seeded_draw(gens: list, shape: tuple, device: torch.device,
                 finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Draw:
     """draw(j): one standard-normal draw [B, ...] with row k taken from ``gens[k]`` (then ``finish``, e.g. the
-    embedding-space factor). The eager seeded path and the CUDA graphs both draw through this function."""
+    embedding-space factor). The eager seeded path and the CUDA graphs both draw through this function. Row k is
+    ``torch.randn(shape[1:], generator=gens[k])`` bit for bit (:func:`flm_rt.ops.normal_`)."""
 
     def draw(j: int) -> torch.Tensor:
         out = torch.empty(shape, device=device)
         for k, g in enumerate(gens):
-            torch.randn(shape[1:], generator=g, device=device, out=out[k])
+            ops.normal_(out[k], g)
         return finish(out) if finish is not None else out
 
     return draw
@@ -133,7 +135,7 @@ def draws_for(model, need: int, *, noise: Optional[torch.Tensor] = None, seed: O
             raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
         def draw(j: int) -> torch.Tensor:
-            u = torch.randn(shape, generator=generator, device=generator.device).to(dev)
+            u = ops.normal_(torch.empty(shape, device=generator.device), generator).to(dev)
             return finish(u) if finish is not None else u
         return Draws(num_samples, length, None, draw=draw)
     if seed is None and not per_sample:

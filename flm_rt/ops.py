@@ -25,6 +25,12 @@
   no [..., V] logits tensor is ever built (ids: exactly the reference's; softmax @ E: float32 rounding, see
   docs/KERNELS.md).
 
+* ``normal_(out, generator=None)`` -- standard-normal draws into a float32 tensor: exactly
+  ``out.normal_(0, 1, generator=generator)`` (= ``torch.randn(..., generator=generator, out=out)``), the same bits
+  and the generator left in the same state (the sampler's noise in vocabulary space, [B, L, V] per step). The
+  kernel fills the tensor on x86-64 at the CPU capabilities DEFAULT, AVX2 and AVX512 (~4x faster than torch with
+  2 threads at AVX512); elsewhere (other architectures, CUDA) torch's own path runs.
+
 Each has a pure-PyTorch reference (``*_reference``) that DEFINES the result, and a compiled kernel
 (``torch.ops.flm_rt.*`` from flm_rt._C, CPU always, CUDA when built with nvcc) that must agree with it
 (step: to float32 rounding, ~1e-6 relative; argmax: exactly).
@@ -63,11 +69,13 @@ __all__ = [
     "vocab_pass_embed",
     "softcap_softmax",
     "softcap_softmax_",
+    "normal_",
     "flow_map_step_reference",
     "vocab_argmax_reference",
     "vocab_pass_argmax_reference",
     "vocab_pass_embed_reference",
     "softcap_softmax_reference",
+    "normal_reference",
     "vocab_chunk",
     "kernels_backend",
     "ext_available",
@@ -192,6 +200,11 @@ def softcap_softmax_reference(x: torch.Tensor, scale: float, cap: float) -> torc
     return torch.softmax(y, dim=-1).to(x.dtype)
 
 
+def normal_reference(out: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``out.normal_(0, 1, generator=generator)``: torch's standard-normal draws, written into out (returned)."""
+    return out.normal_(0.0, 1.0, generator=generator)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake (meta) implementations, for torch.compile / torch.export / opcheck
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +304,16 @@ if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "scaled_add"):
         return x.new_empty((x.shape[0], L, x.shape[2]), dtype=out)
 
 
+if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "normal_"):
+
+    @torch.library.register_fake("flm_rt::normal_")
+    def _normal_inplace_fake(out, generator):
+        op = "flm_rt::normal_"
+        torch._check(out.dtype == torch.float32, lambda: f"{op}: out must be float32, got {out.dtype}")
+        torch._check(out.is_contiguous(), lambda: f"{op}: out must be contiguous")
+        return None
+
+
 if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "vocab_pass_argmax"):  # (an older flm_rt._C lacks the pass)
 
     def _fake_check_pass(op: str, y, weight, bias, chunk) -> None:
@@ -348,6 +371,8 @@ def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: st
         return "torch"
     dev = torch.device(device).type
     dtypes = STEP_LOGITS_DTYPES if op.startswith("flow_map_step") else ARGMAX_DTYPES  # == PASS_DTYPES
+    if op == "normal_":
+        dtypes = (torch.float32,)
     if b == "ext":
         if not _ext.EXT_LOADED:
             raise DeviceError(f"flm_rt: backend 'ext' requested for {op} but the compiled extension is not loaded "
@@ -531,3 +556,47 @@ def softcap_softmax_(x: torch.Tensor, scale: float, cap: float, *, backend: Opti
         return x.copy_(softcap_softmax_reference(x, scale, cap))
     torch.ops.flm_rt.softcap_softmax_(x, float(scale), float(cap))
     return x
+
+
+def _normal_kernel_isa() -> bool:
+    """Whether flm_rt::normal_ reproduces torch's float32 normal_ at this CPU capability: x86-64 at DEFAULT
+    (torch's scalar Box-Muller, libm) and, where the build has its AVX2 kernels, at AVX2 and AVX512 (torch's
+    NormalFill16 with avx_mathfun.h's log256_ps / sincos256_ps; torch 2.14.1 runs it at AVX512 too). Other
+    architectures are not checked."""
+    global _NORMAL_KERNEL_ISA
+    if _NORMAL_KERNEL_ISA is None:
+        import platform
+
+        cap = torch.backends.cpu.get_cpu_capability()
+        caps = ("DEFAULT",)
+        if _ext.EXT_LOADED and "AVX2" in _ext.build_info()["cpu_capabilities_compiled"]:
+            caps += ("AVX2", "AVX512")
+        _NORMAL_KERNEL_ISA = platform.machine().lower() in ("x86_64", "amd64") and cap in caps
+    return _NORMAL_KERNEL_ISA
+
+
+_NORMAL_KERNEL_ISA: Optional[bool] = None
+
+
+def _normal_kernel_applies(out: torch.Tensor, generator: Optional[torch.Generator]) -> bool:
+    """Where the compiled normal_ fills with its own kernel: a contiguous float32 CPU tensor of >= 16 elements, a
+    CPU generator (or None) and ``_normal_kernel_isa()``. (Elsewhere the kernel calls torch's normal_ itself.)"""
+    return (out.device.type == "cpu" and out.dtype == torch.float32 and out.numel() >= 16 and out.is_contiguous()
+            and (generator is None or generator.device.type == "cpu") and _normal_kernel_isa())
+
+
+def normal_(out: torch.Tensor, generator: Optional[torch.Generator] = None, *,
+            backend: Optional[str] = None) -> torch.Tensor:
+    """Standard-normal draws into ``out`` from ``generator`` (None: torch's default CPU generator), returns out:
+    exactly ``normal_reference`` (``out.normal_(0, 1, generator=generator)``), the same bits and the generator
+    left in the same state. The compiled kernel takes a contiguous float32 CPU tensor (a clear error otherwise
+    with backend="ext") and hands over to torch where it cannot reproduce it (small tensors, CPU capabilities
+    other than those of ``_normal_kernel_isa``); ``auto`` (and env FLM_RT_KERNELS=ext) call it only where it
+    fills the tensor itself (``_normal_kernel_applies``), torch's own path elsewhere, CUDA included."""
+    if backend is None and not _normal_kernel_applies(out, generator):
+        _requested_backend(None)  # an invalid FLM_RT_KERNELS is reported here too
+        return normal_reference(out, generator)
+    if kernels_backend(out.device, out.dtype, "normal_", backend) == "torch":
+        return normal_reference(out, generator)
+    torch.ops.flm_rt.normal_(out, generator)
+    return out
