@@ -39,7 +39,7 @@ def test_the_newest_result_set_of_each_machine_fills_the_table(tmp_path):
     table = readme.render_table(str(res), str(tmp_path))
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 2
-    assert rows[0].startswith("| CPU cpu-a, fp32, 2 threads | AVX2 | 2026-01-02, 0.5 | lm1b, 1 step, B 1 | 300 ms | "
+    assert rows[0].startswith("| CPU cpu-a, fp32, 2 threads (`cpu-a`) | AVX2 | 2026-01-02, 0.5 | lm1b, 1 step, B 1 | 300 ms | "
                               "**200 ms (1.50x)** |")
     assert "900 ms" not in table  # the older set of the same machine
     assert "| 2.50 s | **1.25 s (2.00x)**, ids 75.0% = reference |" in rows[1]

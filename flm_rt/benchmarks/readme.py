@@ -126,7 +126,8 @@ def render_table(results_dir: str, root: Optional[str] = None) -> str:
             cells = _cells(rows, shape, steps, batch)
             if cells is None:
                 continue
-            head = [_machine(meta), _isa(meta), _when(meta)] if first else ["", "", ""]
+            folder = os.path.relpath(path, results_dir).split(os.sep)[0]  # tells apart CPUs sold under one name
+            head = [f"{_machine(meta)} (`{folder}`)", _isa(meta), _when(meta)] if first else ["", "", ""]
             case = f"{shape}, {steps} step{'s' if steps > 1 else ''}, B {batch}"
             lines.append("| " + " | ".join(head + [case] + cells) + " |")
             first = False
