@@ -118,6 +118,7 @@ def test_report_writes_three_files_from_tiny_run(tmp_path):
     for r in rates.values():
         timed = {k: r[k] for k in RATE_LIBRARIES if k in r}
         assert r["best"] == max(timed.values()) and r["best_library"] == max(timed, key=timed.get)
+    assert f"({rates['float32']['best_library']} won)" in suite.peak()["peak_source"]  # the library of the kept rate
     by_row = {(r.row, r.steps): r for r in ok}
     bf = by_row[("flm_rt[bfloat16]", 2)]
     assert bf.rate_dtype == "bfloat16" and bf.peak_tflops == pytest.approx(rates["bfloat16"]["best"] / 1e3)
