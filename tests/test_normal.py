@@ -209,9 +209,17 @@ def test_not_differentiable():
         assert y._version > v  # autograd sees the overwrite
 
 
+# torch 2.11's AOT dispatch cannot trace a Generator argument (torch.fx: "argument of type: <class
+# 'torch._C.Generator'>"); 2.14 can. Where it cannot, the other three checks still run.
+_OPCHECK_UTILS = (None if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14) else
+                  ("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_opcheck():
-    torch.library.opcheck(torch.ops.flm_rt.normal_.default, (torch.empty(3, 50), torch.Generator().manual_seed(0)))
-    torch.library.opcheck(torch.ops.flm_rt.normal_.default, (torch.empty(40), None))
+    kw = {} if _OPCHECK_UTILS is None else {"test_utils": _OPCHECK_UTILS}
+    torch.library.opcheck(torch.ops.flm_rt.normal_.default, (torch.empty(3, 50), torch.Generator().manual_seed(0)),
+                          **kw)
+    torch.library.opcheck(torch.ops.flm_rt.normal_.default, (torch.empty(40), None), **kw)
 
 
 def test_seeded_draw_uses_the_same_bits():
