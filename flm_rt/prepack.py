@@ -163,10 +163,11 @@ def _packed_mkl(weight: torch.Tensor, transposed: bool, rows: int) -> torch.Tens
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            activation: Optional[str] = None, transposed: bool = False) -> torch.Tensor:
-    """``act(F.linear(x, weight, bias))``, through a prepacked oneDNN weight where that applies.
+    """``act(F.linear(x, weight, bias))``, on a prepacked weight where that applies: MKL's packed sgemm (fp32, no
+    activation, where :func:`fp32_library` is "mkl") or oneDNN's linear (the rest, bf16 included).
 
     ``transposed=True``: ``weight`` is [in, out] and the product is ``x @ weight`` (the embedding matmul).
-    ``activation``: None or "gelu_tanh" (fused into the GEMM on the prepacked path).
+    ``activation``: None or "gelu_tanh" (fused into oneDNN's GEMM on the prepacked path).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
