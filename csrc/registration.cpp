@@ -75,61 +75,47 @@ TORCH_LIBRARY(flm_rt, m) {
 
 namespace {
 
-// Autograd kernel of the in-place op. torch's boxed not-implemented fallbacks bump the version of mutated
-// *returned* tensors only, and this op returns nothing (mutating custom ops must not return aliases), so it
-// refuses inputs that need a gradient and bumps z's version counter itself: autograd then notices that a
-// tensor it saved was overwritten.
+// Autograd kernels of the in-place ops. torch's boxed not-implemented fallbacks bump the version of mutated
+// *returned* tensors only, and these ops return nothing (mutating custom ops must not return aliases), so each
+// refuses inputs that need a gradient and bumps its output's version counter itself: autograd then notices that
+// a tensor it saved was overwritten. `what`: the inputs named in the error ("tensors that do").
+template <typename Sig, typename... Args>
+void redispatch_inplace(const c10::TypedOperatorHandle<Sig>& op, const char* name, const char* what,
+                        bool needs_grad, c10::DispatchKeySet ks, at::Tensor& out, Args&&... args) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && needs_grad), name, ": derivative is not implemented ",
+                              "(the flm_rt ops are not differentiable); call it under torch.no_grad() or on ", what,
+                              " not require grad");
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, out, std::forward<Args>(args)...);
+  }
+  out.unsafeGetTensorImpl()->bump_version();
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
 void flow_map_step_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& z, const at::Tensor& logits,
                                     const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                                     const std::optional<at::Tensor>& eps, double cap) {
-  if (at::GradMode::is_enabled()) {
-    const bool needs_grad = z.requires_grad() || logits.requires_grad() || a.requires_grad() || b.requires_grad() ||
-                            c.requires_grad() || (eps.has_value() && eps->defined() && eps->requires_grad());
-    TORCH_CHECK_NOT_IMPLEMENTED(!needs_grad, "flm_rt::flow_map_step_: derivative is not implemented (the flm_rt ",
-                                "ops are not differentiable); call it under torch.no_grad() or on tensors that do ",
-                                "not require grad");
-  }
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("flm_rt::flow_map_step_", "")
-                             .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const std::optional<at::Tensor>&, double)>();
-  {
-    const at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, z, logits, a, b, c, eps, cap);
-  }
-  z.unsafeGetTensorImpl()->bump_version();
+  static const auto op = typed_op<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const std::optional<at::Tensor>&, double)>(
+      "flm_rt::flow_map_step_");
+  const bool needs_grad = z.requires_grad() || logits.requires_grad() || a.requires_grad() || b.requires_grad() ||
+                          c.requires_grad() || (eps.has_value() && eps->defined() && eps->requires_grad());
+  redispatch_inplace(op, "flm_rt::flow_map_step_", "tensors that do", needs_grad, ks, z, logits, a, b, c, eps, cap);
 }
 
-// The same for softcap_softmax_.
 void softcap_softmax_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& x, double scale, double cap) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && x.requires_grad()),
-                              "flm_rt::softcap_softmax_: derivative is not implemented (the flm_rt ops are not ",
-                              "differentiable); call it under torch.no_grad() or on a tensor that does not require "
-                              "grad");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("flm_rt::softcap_softmax_", "")
-                             .typed<void(at::Tensor&, double, double)>();
-  {
-    const at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, scale, cap);
-  }
-  x.unsafeGetTensorImpl()->bump_version();
+  static const auto op = typed_op<void(at::Tensor&, double, double)>("flm_rt::softcap_softmax_");
+  redispatch_inplace(op, "flm_rt::softcap_softmax_", "a tensor that does", x.requires_grad(), ks, x, scale, cap);
 }
 
-// The same for normal_.
 void normal_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& out, const std::optional<at::Generator>& generator) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && out.requires_grad()),
-                              "flm_rt::normal_: derivative is not implemented (the flm_rt ops are not ",
-                              "differentiable); call it under torch.no_grad() or on a tensor that does not require "
-                              "grad");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("flm_rt::normal_", "")
-                             .typed<void(at::Tensor&, const std::optional<at::Generator>&)>();
-  {
-    const at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, out, generator);
-  }
-  out.unsafeGetTensorImpl()->bump_version();
+  static const auto op = typed_op<void(at::Tensor&, const std::optional<at::Generator>&)>("flm_rt::normal_");
+  redispatch_inplace(op, "flm_rt::normal_", "a tensor that does", out.requires_grad(), ks, out, generator);
 }
 
 }  // namespace

@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_vendor", "native_bf16", "bf16_reason", "isa_summary", "warn_if_emulated", "EmulatedDtypeWarning",
-           "NATIVE_BF16_FLAGS"]
+__all__ = ["cpu_flags", "cpu_vendor", "native_bf16", "bf16_reason", "isa_summary", "warn_if_emulated",
+           "EmulatedDtypeWarning", "NATIVE_BF16_FLAGS"]
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which bf16 GEMMs run on bf16 instructions
@@ -76,7 +76,8 @@ def isa_summary() -> dict:
     cfg = torch.__config__.show()
     libs = [name for name, key in (("MKL", "USE_MKL=ON"), ("oneDNN", "USE_MKLDNN=ON"), ("OpenBLAS", "BLAS_INFO=open"))
             if key in cfg]
-    return {"machine": platform.machine(), "vendor": cpu_vendor(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"machine": platform.machine(), "vendor": cpu_vendor(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "flags": [f for f in relevant if f in flags], "native_bf16": native_bf16(), "bf16": bf16_reason(),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
             "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"), "blas": libs}

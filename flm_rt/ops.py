@@ -51,7 +51,9 @@ z of shape [B, L, V]: one coefficient per sequence).
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 from typing import Optional, Union
 
 import torch
@@ -370,9 +372,8 @@ def kernels_backend(device: Union[str, torch.device], dtype: torch.dtype, op: st
     if b == "torch":
         return "torch"
     dev = torch.device(device).type
-    dtypes = STEP_LOGITS_DTYPES if op.startswith("flow_map_step") else ARGMAX_DTYPES  # == PASS_DTYPES
-    if op == "normal_":
-        dtypes = (torch.float32,)
+    dtypes = ((torch.float32,) if op == "normal_" else
+              STEP_LOGITS_DTYPES if op.startswith("flow_map_step") else ARGMAX_DTYPES)  # == PASS_DTYPES
     if b == "ext":
         if not _ext.EXT_LOADED:
             raise DeviceError(f"flm_rt: backend 'ext' requested for {op} but the compiled extension is not loaded "
@@ -558,24 +559,16 @@ def softcap_softmax_(x: torch.Tensor, scale: float, cap: float, *, backend: Opti
     return x
 
 
+@functools.lru_cache(maxsize=1)
 def _normal_kernel_isa() -> bool:
     """Whether flm_rt::normal_ reproduces torch's float32 normal_ at this CPU capability: x86-64 at DEFAULT
     (torch's scalar Box-Muller, libm) and, where the build has its AVX2 kernels, at AVX2 and AVX512 (torch's
     NormalFill16 with avx_mathfun.h's log256_ps / sincos256_ps; torch 2.14.1 runs it at AVX512 too). Other
     architectures are not checked."""
-    global _NORMAL_KERNEL_ISA
-    if _NORMAL_KERNEL_ISA is None:
-        import platform
-
-        cap = torch.backends.cpu.get_cpu_capability()
-        caps = ("DEFAULT",)
-        if _ext.EXT_LOADED and "AVX2" in _ext.build_info()["cpu_capabilities_compiled"]:
-            caps += ("AVX2", "AVX512")
-        _NORMAL_KERNEL_ISA = platform.machine().lower() in ("x86_64", "amd64") and cap in caps
-    return _NORMAL_KERNEL_ISA
-
-
-_NORMAL_KERNEL_ISA: Optional[bool] = None
+    caps = ("DEFAULT",)
+    if _ext.EXT_LOADED and "AVX2" in _ext.build_info()["cpu_capabilities_compiled"]:
+        caps += ("AVX2", "AVX512")
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in caps
 
 
 def _normal_kernel_applies(out: torch.Tensor, generator: Optional[torch.Generator]) -> bool:

@@ -24,8 +24,8 @@ def rates_table(meta: dict) -> str:
              "start / end of run |",
              "|---|---:|---:|---:|---|---:|"]
     for dt, r in rates.items():
-        lines.append(f"| {dt} | {_fmt(r.get('torch.mm'), '.1f')} | {_fmt(r.get('onednn_prepacked'), '.1f')} | "
-                     f"{_fmt(r.get('mkl_prepacked'), '.1f')} | {_fmt(r.get('best'), '.1f')} ({r.get('best_library')}) | "
+        libs = " | ".join(_fmt(r.get(k), ".1f") for k in ("torch.mm", "onednn_prepacked", "mkl_prepacked"))
+        lines.append(f"| {dt} | {libs} | {_fmt(r.get('best'), '.1f')} ({r.get('best_library')}) | "
                      f"{_fmt(r.get('best_start'), '.1f')} / {_fmt(r.get('best_end'), '.1f')} |")
     n = next(iter(rates.values()))
     return ("\n".join(lines) + f"\n\n{n.get('n')}-square products, {n.get('threads')} thread(s), best of "

@@ -171,7 +171,7 @@ def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = No
         out[name + "_spread"] = [flops / max(times) / 1e9, flops / min(times) / 1e9]
 
     record("torch.mm", lambda: torch.mm(a, b))
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if device.type == "cpu" and prepack._HAVE_ONEDNN_LINEAR:
         packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
         record("onednn_prepacked", lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     if device.type == "cpu" and dtype == torch.float32 and prepack._HAVE_MKL_LINEAR:
@@ -195,7 +195,8 @@ def device_peak(device: torch.device, dtype: torch.dtype, measured: Optional[flo
                 return {"peak_tflops": peaks[dt], "peak_source": f"datasheet dense {dt}, {key.upper()}",
                         "measured_matmul_tflops": measured}
     return {"peak_tflops": measured,
-            "peak_source": f"measured: best of 5 {'torch.mm or flm_rt.prepack GEMM' if device.type == 'cpu' else 'torch.mm'} "
+            "peak_source": f"measured: best of 5 "
+                           f"{'torch.mm or flm_rt.prepack GEMM' if device.type == 'cpu' else 'torch.mm'} "
                            f"{'2048' if device.type == 'cpu' else '8192'}^2 in {dt}, "
                            f"{torch.get_num_threads()} thread(s)",
             "measured_matmul_tflops": measured}
