@@ -204,9 +204,11 @@ def _cpu_op(x: torch.Tensor, op: str) -> bool:
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
-    """layer(x) (then GELU-tanh when asked), with the prepacked CPU GEMM where it applies (flm_rt.prepack)."""
-    return prepack.linear(x, layer.weight, layer.bias, activation=activation)
+def _linear(layer: nn.Linear, x: torch.Tensor, activation: Optional[str] = None,
+            any_layout: bool = False) -> torch.Tensor:
+    """layer(x) (then GELU-tanh when asked), with the prepacked CPU GEMM where it applies (flm_rt.prepack);
+    ``any_layout``: the result may be a transposed view (the consumer is ``gated_residual``)."""
+    return prepack.linear(x, layer.weight, layer.bias, activation=activation, any_layout=any_layout)
 
 
 class Block(nn.Module):
@@ -233,10 +235,11 @@ class Block(nn.Module):
         a = modulate(self.norm1(x), shift1, scale1, _matmul_dtype(x))
         q, k, v = split_heads(_linear(self.attn_qkv, a), cos, sin, h)
         o = self.attention(q, k, v, workspace).transpose(1, 2).reshape(b, l, d)
-        x = gated_residual(x, gate1, _linear(self.attn_out, o))
+        x = gated_residual(x, gate1, _linear(self.attn_out, o, any_layout=True))
 
         m = modulate(self.norm2(x), shift2, scale2, _matmul_dtype(x))
-        return gated_residual(x, gate2, _linear(self.mlp[2], _linear(self.mlp[0], m, activation="gelu_tanh")))
+        y = _linear(self.mlp[0], m, activation="gelu_tanh")
+        return gated_residual(x, gate2, _linear(self.mlp[2], y, any_layout=True))
 
 
 class OutputLayer(nn.Module):

@@ -18,6 +18,13 @@ to the bf16 weights of ``dtype="bfloat16"`` models under CPU bf16 autocast where
 rounding. Anything else takes ``F.linear``. ``FLM_RT_PREPACK=0`` (or :func:`set_enabled`) turns it off;
 ``FLM_RT_PREPACK_LIBRARY=mkl|onednn`` overrides the fp32 library (default ``auto``: MKL on Intel CPUs where torch
 has it, else oneDNN). The cost is one more copy of the weights in memory per packed row count.
+
+One bf16 shape class takes another product: a narrow weight (out <= 1024) against more rows than outputs, e.g. the
+blocks' [1024 x 768] attn_out and mlp.2 products at 1024 rows, where oneDNN's linear ran at about half its rate
+(1000-1250 GFLOP/s against 2000 on the 2-core development machine with AMX, docs/KERNELS.md). There, for a caller
+that accepts it (``any_layout=True``), the product is computed as ``W @ X^T`` and returned as the transposed view of
+that [out, rows] result; ``flm_rt.ops.scaled_add`` reads such a view by tiles. ``FLM_RT_TRANSPOSED_GEMM=0`` turns
+it off.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ __all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_infer
            "MKL_ROW_COUNTS"]
 
 _ENABLED: Optional[bool] = None  # None: read FLM_RT_PREPACK on first use
+_TRANSPOSED_MAX_OUT = 1024  # the bf16 transposed product: weights with at most this many outputs, more rows than outputs
 # id(weight) -> (weakref to weight, key, {form: packed}); form ("onednn", transposed) or ("mkl", transposed, rows);
 # an entry dies with its weight
 _CACHE: dict = {}
@@ -71,6 +79,7 @@ _HAVE_MKL_LINEAR = torch.backends.mkl.is_available() and all(
 def clear_cache() -> None:
     _CACHE.clear()
     fp32_library.cache_clear()
+    transposed_gemm_enabled.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,6 +127,17 @@ def _applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return native_bf16()
 
 
+@functools.lru_cache(maxsize=1)
+def transposed_gemm_enabled() -> bool:
+    """``FLM_RT_TRANSPOSED_GEMM`` (default on), read once per process (:func:`clear_cache` re-reads it)."""
+    return env_switch("FLM_RT_TRANSPOSED_GEMM")
+
+
+def _transposed_product(rows: int, out_features: int) -> bool:
+    """Where the bf16 product runs as W @ X^T (see the module docstring)."""
+    return 0 < out_features <= _TRANSPOSED_MAX_OUT and rows > out_features and transposed_gemm_enabled()
+
+
 def _forms(weight: torch.Tensor) -> dict:
     """The packed copies of ``weight`` ({form: packed}), emptied when the weight changed in place or was replaced."""
     key = (weight.data_ptr(), weight._version, tuple(weight.shape))
@@ -161,13 +181,22 @@ def _packed_mkl(weight: torch.Tensor, transposed: bool, rows: int) -> torch.Tens
     return packed
 
 
+def _transposed_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) in bf16 computed as weight @ x^T ([out, rows], then viewed as [..., out])."""
+    xt = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).t()
+    w = weight.detach()
+    yt = torch.mm(w, xt) if bias is None else torch.addmm(bias.detach()[:, None], w, xt)
+    return yt.t().view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-           activation: Optional[str] = None, transposed: bool = False) -> torch.Tensor:
+           activation: Optional[str] = None, transposed: bool = False, any_layout: bool = False) -> torch.Tensor:
     """``act(F.linear(x, weight, bias))``, on a prepacked weight where that applies: MKL's packed sgemm (fp32, no
     activation, where :func:`fp32_library` is "mkl") or oneDNN's linear (the rest, bf16 included).
 
     ``transposed=True``: ``weight`` is [in, out] and the product is ``x @ weight`` (the embedding matmul).
     ``activation``: None or "gelu_tanh" (fused into oneDNN's GEMM on the prepacked path).
+    ``any_layout=True``: the caller accepts a result with non-contiguous strides (the bf16 transposed product).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
@@ -181,6 +210,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             return torch.ops.mkl._mkl_linear(x, _packed_mkl(weight, transposed, rows), w.t() if transposed else w,
                                              b, rows)
     if fp32 or (not transposed and _applies_bf16(x, weight, bias)):
+        if not fp32 and any_layout and activation is None:
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            if _transposed_product(rows, weight.shape[0]):
+                return _transposed_bf16(x, weight, bias)
         attr, algorithm = _ACTIVATIONS[activation]
         b = None if bias is None else bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), _packed_onednn(weight, transposed), b, attr, [],

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import flm_rt
 from flm_rt import prepack
+from flm_rt.cpu_features import native_bf16
 from flm_rt.model import ModelConfig, softcap_logits
 from flm_rt.samplers import output_ids
 
@@ -180,6 +181,38 @@ def test_steps_aside_for_autograd_autocast_and_other_dtypes():
     with torch.no_grad():
         xd, wd = x.double(), w.detach().double()
         assert torch.equal(prepack.linear(xd, wd), F.linear(xd, wd))
+
+
+@needs_onednn
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 (oneDNN's bf16 "
+                    "products and the transposed product apply only where it has)")
+@pytest.mark.parametrize("rows,out,bias", [(200, 96, True), (200, 96, False), (96, 96, True), (1030, 1025, True)])
+def test_bf16_transposed_product(prepack_state, monkeypatch, rows, out, bias):
+    """A narrow bf16 weight against more rows than outputs: computed as W @ X^T and returned as a transposed view
+    when the caller accepts any layout, equal to autocast's F.linear up to bf16 rounding; elsewhere row-major."""
+    g = torch.Generator().manual_seed(rows + out)
+    x = torch.randn(2, rows // 2, 64, generator=g)
+    w = torch.randn(out, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(out, generator=g).to(torch.bfloat16) if bias else None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w, b).float()
+        got = prepack.linear(x, w, b, any_layout=True)
+        plain = prepack.linear(x, w, b)
+        monkeypatch.setenv("FLM_RT_TRANSPOSED_GEMM", "0")
+        prepack.clear_cache()
+        off = prepack.linear(x, w, b, any_layout=True)
+    transposed = rows > out and out <= prepack._TRANSPOSED_MAX_OUT
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert got.is_contiguous() != transposed
+    if transposed:
+        assert got.stride(-1) == rows
+    assert plain.is_contiguous() and off.is_contiguous()
+    for y in (got, plain, off):
+        assert _rel(y.float(), want) < 2 ** -7  # bf16 rounding of the output (and of different K blockings)
+    monkeypatch.setenv("FLM_RT_TRANSPOSED_GEMM", "sometimes")
+    prepack.clear_cache()
+    with pytest.raises(ValueError, match="FLM_RT_TRANSPOSED_GEMM"):
+        prepack.transposed_gemm_enabled()
 
 
 def test_switch_off_and_env(prepack_state, monkeypatch):

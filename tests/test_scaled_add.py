@@ -72,6 +72,23 @@ def test_strided_views_nan_inf_and_overflow():
     assert empty.shape == (0, l, d)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 70, 40), (3, 33, 50), (2, 1, 37), (1, 1024, 768)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_transposed_operand_is_read_by_tiles(shape, dtype):
+    """x as a bf16 product computed as W @ X^T leaves it (flm_rt.prepack): the transpose of a contiguous
+    [D, B * L] matrix, copied to rows by tiles (sizes that do and do not divide the 32-wide tile)."""
+    b, l, d = shape
+    g = torch.Generator().manual_seed(d)
+    base = torch.randn(b, l, d, generator=g)
+    w = torch.randn(b, 1, d, generator=g).to(dtype)
+    x = (torch.randn(d, b * l, generator=g) * 3).to(dtype).t().view(b, l, d)
+    assert x.stride(-1) == b * l and not x.is_contiguous()
+    got = ops.scaled_add(base, x, w, backend="ext")
+    assert same_bits(got, ops.scaled_add_reference(base, x, w))
+    assert same_bits(got, ops.scaled_add(base, x.contiguous(), w, backend="ext"))
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda b, x, w: (b, x, w[0]), "must be 3-dimensional"),
     (lambda b, x, w: (b, x, w[..., :-1]), "w must be \\[B, L, D\\]"),
