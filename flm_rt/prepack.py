@@ -201,8 +201,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
     fp32 = _applies(x, weight, bias)
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if fp32 and activation is None and fp32_library() == "mkl":
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if rows > 0:
             w = weight.detach()
             b = None if bias is None else bias.detach()
@@ -210,10 +210,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             return torch.ops.mkl._mkl_linear(x, _packed_mkl(weight, transposed, rows), w.t() if transposed else w,
                                              b, rows)
     if fp32 or (not transposed and _applies_bf16(x, weight, bias)):
-        if not fp32 and any_layout and activation is None:
-            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if _transposed_product(rows, weight.shape[0]):
-                return _transposed_bf16(x, weight, bias)
+        if not fp32 and any_layout and activation is None and _transposed_product(rows, weight.shape[0]):
+            return _transposed_bf16(x, weight, bias)
         attr, algorithm = _ACTIVATIONS[activation]
         b = None if bias is None else bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), _packed_onednn(weight, transposed), b, attr, [],
