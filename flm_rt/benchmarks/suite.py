@@ -127,6 +127,7 @@ def device_slug(device: torch.device) -> str:
 
 
 RATE_LIBRARIES = ("torch.mm", "onednn_prepacked", "mkl_prepacked")  # matmul_rates' keys, in its tables' order
+EMULATED_RATE_N = 512  # matmul_rates' largest square where the CPU emulates bf16 (2048 would take minutes)
 
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
@@ -157,13 +158,23 @@ def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = No
     ``torch.mm`` (MKL / oneDNN as torch dispatches) and, on CPU, oneDNN's linear on a prepacked weight (what
     flm_rt.prepack and the fused vocabulary pass use) and, in fp32, MKL's packed sgemm (flm_rt.prepack's other
     library). Best of ``repeats`` after 3 warm-ups, each; ``best`` is the fastest library, the rate efficiencies
-    are measured against."""
+    are measured against. bf16 on a CPU without native bf16 (emulated, about 1 GFLOP/s on an AVX2-only Zen 3) is
+    measured at n <= 512 and flagged ``emulated``; a library that refuses the dtype is left out, its reason under
+    ``<library>_unavailable``."""
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
+    emulated = None
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        from ..cpu_features import bf16_reason, native_bf16
+
+        if not native_bf16():
+            emulated, n = bf16_reason(), min(n, EMULATED_RATE_N)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     flops = 2 * n**3
     out = {"n": n, "threads": torch.get_num_threads(), "repeats": repeats}
+    if emulated:
+        out["emulated"] = emulated
 
     def record(name, fn):
         best_s, times = _time_best(fn, device, repeats)
@@ -172,8 +183,12 @@ def matmul_rates(device: torch.device, dtype: torch.dtype, n: Optional[int] = No
 
     record("torch.mm", lambda: torch.mm(a, b))
     if device.type == "cpu" and prepack._HAVE_ONEDNN_LINEAR:
-        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
-        record("onednn_prepacked", lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+        except RuntimeError as e:  # oneDNN refuses bf16 weights below AVX512-BW / AVX-NE-CONVERT (e.g. AVX2 CPUs)
+            out["onednn_prepacked_unavailable"] = str(e).splitlines()[0][:200]
+        else:
+            record("onednn_prepacked", lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     if device.type == "cpu" and dtype == torch.float32 and prepack._HAVE_MKL_LINEAR:
         mkl_packed = torch.ops.mkl._mkl_reorder_linear_weight(b, n)
         record("mkl_prepacked", lambda: torch.ops.mkl._mkl_linear(a, mkl_packed, b, None, n))
@@ -596,7 +611,8 @@ class Suite:
         res.extra["flops_counted"] = f"{space}-space process"
         self._finish(res, times, flops_per_sample(cfg, steps, L, space), weight_bytes(model))
         if before is not None and after is not None:
-            res.extra["adjacent_rate_gflops"] = [round(before, 1), round(after, 1)]
+            # 4 significant digits: an emulated bf16 rate is about 1 GFLOP/s
+            res.extra["adjacent_rate_gflops"] = [float(f"{before:.4g}"), float(f"{after:.4g}")]
             res.adjacent_tflops = max(before, after) / 1e3
             res.frac_adjacent = res.achieved_tflops / res.adjacent_tflops
         ids = torch.as_tensor(ids).to("cpu", torch.int64)
