@@ -54,6 +54,11 @@ def test_the_newest_result_set_of_each_machine_fills_the_table(tmp_path):
     owt = [line for line in readme.render_table(str(res), str(tmp_path)).splitlines() if "| owt, 1 step, B 1 |" in line]
     assert len(owt) == 1 and "| 500 ms | 50.0 s (flm_rt 25x faster; bf16 + embedding 100x faster) |" in owt[0]
     assert "bench/results/cpu-b/deep/run/results.json" in table and "serve" not in table
+    # a CPU without native bf16 (the run recorded why): its bf16 figure says it is emulated
+    data["results"][-2]["extra"] = {"native_bf16": "the CPU lacks avx512_bf16 and amx_bf16"}
+    (res / "cpu-a" / "results.json").write_text(json.dumps(data))
+    owt = [line for line in readme.render_table(str(res), str(tmp_path)).splitlines() if "| owt, 1 step, B 1 |" in line]
+    assert "| 500 ms (bf16 emulated: slower than fp32) |" in owt[0]
 
 
 def test_rewrite_replaces_only_the_marked_section(tmp_path):

@@ -105,6 +105,8 @@ def _cells(rows: dict, shape: str, steps: int, batch: int) -> Optional[list]:
             vs = [f"{label} {_times(r['median_s'] / o['median_s'])} faster"
                   for label, o in (("flm_rt", flm), ("bf16 + embedding", got[FASTEST])) if o]
             cells.append(f"{_seconds(r['median_s'])} ({'; '.join(vs)})")
+        elif name == FASTEST and not str((r.get("extra") or {}).get("native_bf16", "native")).startswith("native"):
+            cells.append(_seconds(r["median_s"]) + " (bf16 emulated: slower than fp32)")
         else:
             cells.append(_seconds(r["median_s"]) + (_ids_note(r) if name == "onnx" else ""))
     return cells
