@@ -15,8 +15,8 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_vendor", "native_bf16", "bf16_reason", "isa_summary", "warn_if_emulated",
-           "EmulatedDtypeWarning", "NATIVE_BF16_FLAGS"]
+__all__ = ["cpu_flags", "cpu_vendor", "native_bf16", "bf16_reason", "is_native_reason", "isa_summary",
+           "warn_if_emulated", "EmulatedDtypeWarning", "NATIVE_BF16_FLAGS"]
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which bf16 GEMMs run on bf16 instructions
@@ -66,7 +66,12 @@ def bf16_reason() -> str:
 
 def native_bf16() -> bool:
     """True when bf16 matrix products run on bf16 instructions (avx512_bf16 or amx_bf16, not capped)."""
-    return bf16_reason().startswith("native")
+    return is_native_reason(bf16_reason())
+
+
+def is_native_reason(reason: str) -> bool:
+    """Whether a :func:`bf16_reason` string (as the benchmarks record it) says bf16 is native."""
+    return reason.startswith("native")
 
 
 def isa_summary() -> dict:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from flm_rt import _ext, ops
+from test_ops import softmax64
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_BUILT = _ext.EXT_LOADED and _ext.has_kernel("flow_map_step", "cuda")
@@ -55,10 +56,7 @@ def _data(rows: int, V: int, dtype, device, seed: int, offset: int = 0):
 
 def _step_float64(z, logits, a, b, c, eps, cap):
     """The reference's formula in float64 (per-row a, b, c), rounded to float32 once: the value to compare with."""
-    x = logits.double()
-    if cap > 0:
-        x = cap * torch.tanh(x / cap)
-    out = a.double()[..., None] * z.double() + b.double()[..., None] * torch.softmax(x, dim=-1)
+    out = a.double()[..., None] * z.double() + b.double()[..., None] * softmax64(logits, cap)
     if eps is not None:
         out = out + c.double()[..., None] * eps.double()
     return out.float()

@@ -17,6 +17,8 @@ import tempfile
 import textwrap
 from typing import Optional, Sequence
 
+from ..cpu_features import is_native_reason
+
 BEGIN = "<!-- perf-table:begin -->"
 END = "<!-- perf-table:end -->"
 CASES = (("lm1b", 1, 1), ("lm1b", 1, 8), ("lm1b", 4, 1), ("lm1b", 4, 8), ("lm1b", 8, 1),
@@ -105,7 +107,7 @@ def _cells(rows: dict, shape: str, steps: int, batch: int) -> Optional[list]:
             vs = [f"{label} {_times(r['median_s'] / o['median_s'])} faster"
                   for label, o in (("flm_rt", flm), ("bf16 + embedding", got[FASTEST])) if o]
             cells.append(f"{_seconds(r['median_s'])} ({'; '.join(vs)})")
-        elif name == FASTEST and not str((r.get("extra") or {}).get("native_bf16", "native")).startswith("native"):
+        elif name == FASTEST and not is_native_reason((r.get("extra") or {}).get("native_bf16", "native")):
             cells.append(_seconds(r["median_s"]) + " (bf16 emulated: slower than fp32)")
         else:
             cells.append(_seconds(r["median_s"]) + (_ids_note(r) if name == "onnx" else ""))
