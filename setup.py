@@ -277,6 +277,7 @@ CPU_SOURCES = [
     "csrc/cpu/softcap_softmax.cpp",
     "csrc/cpu/rotary.cpp",
     "csrc/cpu/scaled_add.cpp",
+    "csrc/cpu/gelu.cpp",
     "csrc/cpu/normal.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/build_info.cu", "csrc/cuda/flow_map_step.cu", "csrc/cuda/vocab_argmax.cu",

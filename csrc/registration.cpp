@@ -67,6 +67,9 @@ TORCH_LIBRARY(flm_rt, m) {
   // base + x * w as torch.addcmul on float32 operands, stored in dtype (default float32); base, x, w each
   // [B, L, D] or [B, 1, D], float32 / bfloat16 / float16: the blocks' adaLN modulation and gated residual.
   m.def("scaled_add(Tensor base, Tensor x, Tensor w, ScalarType? dtype=None) -> Tensor");
+  // x <- gelu(x, approximate="tanh") computed in float32, stored in x's dtype (float32 / bfloat16 / float16): the
+  // blocks' MLP activation, on the output of the first MLP product (returns nothing, as flow_map_step_).
+  m.def("gelu_tanh_(Tensor(a!) x) -> ()");
   // out (float32, contiguous) <- standard-normal draws from generator (None: the default CPU generator), the
   // same bits as out.normal_(0, 1, generator) and the generator left in the same state (returns nothing, as
   // flow_map_step_).
@@ -113,6 +116,11 @@ void softcap_softmax_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& x, dou
   redispatch_inplace(op, "flm_rt::softcap_softmax_", "a tensor that does", x.requires_grad(), ks, x, scale, cap);
 }
 
+void gelu_tanh_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& x) {
+  static const auto op = typed_op<void(at::Tensor&)>("flm_rt::gelu_tanh_");
+  redispatch_inplace(op, "flm_rt::gelu_tanh_", "a tensor that does", x.requires_grad(), ks, x);
+}
+
 void normal_inplace_autograd(c10::DispatchKeySet ks, at::Tensor& out, const std::optional<at::Generator>& generator) {
   static const auto op = typed_op<void(at::Tensor&, const std::optional<at::Generator>&)>("flm_rt::normal_");
   redispatch_inplace(op, "flm_rt::normal_", "a tensor that does", out.requires_grad(), ks, out, generator);
@@ -133,6 +141,7 @@ TORCH_LIBRARY_IMPL(flm_rt, Autograd, m) {
   m.impl("scaled_add", torch::autograd::autogradNotImplementedFallback());
   m.impl("softcap_softmax_", TORCH_FN(softcap_softmax_inplace_autograd));
   m.impl("normal_", TORCH_FN(normal_inplace_autograd));
+  m.impl("gelu_tanh_", TORCH_FN(gelu_tanh_inplace_autograd));
 }
 
 namespace flm_rt {

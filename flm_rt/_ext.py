@@ -18,7 +18,7 @@ __all__ = ["EXT_LOADED", "EXT_ERROR", "build_info", "ext_module", "has_kernel", 
 
 OPS = ("flow_map_step", "flow_map_step_", "vocab_argmax", "vocab_pass_argmax", "vocab_pass_embed",
        "softcap_softmax", "softcap_softmax_", "rotary_split",
-       "scaled_add", "normal_")
+       "scaled_add", "normal_", "gelu_tanh_")
 
 EXT_LOADED: bool = False
 EXT_ERROR: str | None = None

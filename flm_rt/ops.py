@@ -25,6 +25,12 @@
   no [..., V] logits tensor is ever built (ids: exactly the reference's; softmax @ E: float32 rounding, see
   docs/KERNELS.md).
 
+* ``gelu_tanh_(x)`` -- ``x <- gelu(x, approximate="tanh")`` in place, computed in float32 and stored in x's dtype:
+  the blocks' MLP activation on the output of the first MLP product (flm_rt.prepack computes that product without
+  oneDNN's fused GELU and runs this pass after it). The kernel evaluates ``x / (1 + exp(-2u))`` with a fast exp;
+  it agrees with the reference to ``|d| <= 4e-6 |ref| + 1e-7 |x|`` in float32 (the reference's ``1 + tanh(u)``
+  cancels for negative x), to 1 unit in the last place of bf16 / fp16, and exactly on 0, +-inf and NaN.
+
 * ``normal_(out, generator=None)`` -- standard-normal draws into a float32 tensor: exactly
   ``out.normal_(0, 1, generator=generator)`` (= ``torch.randn(..., generator=generator, out=out)``), the same bits
   and the generator left in the same state (the sampler's noise in vocabulary space, [B, L, V] per step). The
@@ -72,12 +78,14 @@ __all__ = [
     "softcap_softmax",
     "softcap_softmax_",
     "normal_",
+    "gelu_tanh_",
     "flow_map_step_reference",
     "vocab_argmax_reference",
     "vocab_pass_argmax_reference",
     "vocab_pass_embed_reference",
     "softcap_softmax_reference",
     "normal_reference",
+    "gelu_tanh_reference",
     "vocab_chunk",
     "kernels_backend",
     "ext_available",
@@ -202,6 +210,11 @@ def softcap_softmax_reference(x: torch.Tensor, scale: float, cap: float) -> torc
     return torch.softmax(y, dim=-1).to(x.dtype)
 
 
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x, approximate="tanh")`` on the float32 values of x, as a new tensor of x's dtype."""
+    return torch.nn.functional.gelu(x.to(torch.float32), approximate="tanh").to(x.dtype)
+
+
 def normal_reference(out: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``out.normal_(0, 1, generator=generator)``: torch's standard-normal draws, written into out (returned)."""
     return out.normal_(0.0, 1.0, generator=generator)
@@ -313,6 +326,15 @@ if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "normal_"):
         op = "flm_rt::normal_"
         torch._check(out.dtype == torch.float32, lambda: f"{op}: out must be float32, got {out.dtype}")
         torch._check(out.is_contiguous(), lambda: f"{op}: out must be contiguous")
+        return None
+
+
+if _ext.EXT_LOADED and hasattr(torch.ops.flm_rt, "gelu_tanh_"):
+
+    @torch.library.register_fake("flm_rt::gelu_tanh_")
+    def _gelu_tanh_inplace_fake(x):
+        torch._check(x.dtype in STEP_LOGITS_DTYPES,
+                     lambda: f"flm_rt::gelu_tanh_: x must be float32, bfloat16 or float16, got {x.dtype}")
         return None
 
 
@@ -556,6 +578,15 @@ def softcap_softmax_(x: torch.Tensor, scale: float, cap: float, *, backend: Opti
     if kernels_backend(x.device, x.dtype, "softcap_softmax_", backend) == "torch":
         return x.copy_(softcap_softmax_reference(x, scale, cap))
     torch.ops.flm_rt.softcap_softmax_(x, float(scale), float(cap))
+    return x
+
+
+def gelu_tanh_(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """In place ``x <- gelu(x, approximate="tanh")`` computed in float32 (``gelu_tanh_reference``; the kernel's
+    tolerance is in the module docstring); x: float32/bfloat16/float16. Returns x."""
+    if kernels_backend(x.device, x.dtype, "gelu_tanh_", backend) == "torch":
+        return x.copy_(gelu_tanh_reference(x))
+    torch.ops.flm_rt.gelu_tanh_(x)
     return x
 
 

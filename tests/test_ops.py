@@ -517,6 +517,13 @@ for B, L, D in [(1, 5, 13), (2, 9, 768)]:  # ATen's addcmul at the same capabili
         for dt in (None, torch.bfloat16):
             got = ops.scaled_add(base, x, w, dt, backend="ext")
             assert torch.equal(got, ops.scaled_add_reference(base, x, w, dt)), (B, L, D, kinds, dt)
+for n in (1, 7, 100, 3072 * 5 + 3):  # gelu_tanh_: within its bound of the reference (tests/test_gelu.py)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(n, generator=g) * 4).to(dt)
+        got = ops.gelu_tanh_(x.clone(), backend="ext").float()
+        ref = ops.gelu_tanh_reference(x).float()
+        eps = 0.0 if dt == torch.float32 else torch.finfo(dt).eps
+        assert ((got - ref).abs() <= (4e-6 + eps) * ref.abs() + 1e-7 * x.float().abs()).all(), (n, dt)
 print("VARIANT_OK")
 """
 

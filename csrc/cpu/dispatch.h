@@ -17,6 +17,7 @@ struct KernelTable {
   void (*softcap_softmax_rows)(const SoftmaxParams&, int64_t, int64_t, float*);
   void (*rotary_rows)(const RotaryParams&, int64_t, int64_t);
   void (*scaled_add_rows)(const ScaledAddParams&, int64_t, int64_t, float*);
+  void (*gelu_tanh_range)(void*, FloatKind, int64_t, int64_t);
   bool (*screen_max)(const ScreenRow&, float*, float*);
   int64_t (*screen_collect)(const ScreenRow&, float, const float*, int64_t, int32_t*, float*, int64_t, int64_t);
   float (*dot_f32)(const float*, const float*, int64_t);

@@ -616,6 +616,33 @@ void scaled_add_rows_t(const ScaledAddParams& p, int64_t r0, int64_t r1, float* 
   }
 }
 
+// gelu_tanh(x) = 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), computed as x / (1 + exp(-2 u)): the
+// same function without the cancellation of 1 + tanh(u) for negative u, on ATen's fast exp (exp_u20, 20 ulp; the
+// libm exp in the DEFAULT copy). Large |x|: exp overflows to inf (x / inf = -0) or underflows to 0 (x); NaN stays NaN.
+inline Vec gelu_tanh_lanes(const Vec& x) {
+  const Vec k1(-1.5957691216057308f);   // -2 sqrt(2 / pi)
+  const Vec k3(-0.07135481627159466f);  // -2 sqrt(2 / pi) * 0.044715
+  const Vec minus_2u = x * at::vec::fmadd(x * x, k3, k1);
+  return x / (Vec(1.0f) + minus_2u.exp_u20());
+}
+
+template <typename T>
+void gelu_tanh_range_t(T* x, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + kW <= end; i += kW) gelu_tanh_lanes(Vec::loadu(x + i)).store(x + i);
+  } else {
+    for (; i + 2 * kW <= end; i += 2 * kW) {
+      at::vec::convert_from_float<T>(gelu_tanh_lanes(load_full(x + i)), gelu_tanh_lanes(load_full(x + i + kW)))
+          .store(x + i);
+    }
+  }
+  for (; i < end; i += kW) {
+    const int64_t n = end - i < kW ? end - i : kW;
+    store_n<T>(x + i, gelu_tanh_lanes(load_part(x + i, n)), n);
+  }
+}
+
 }  // namespace
 
 void step_rows(const StepParams& p, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -655,6 +682,14 @@ void scaled_add_rows(const ScaledAddParams& p, int64_t row_begin, int64_t row_en
     case FloatKind::F32: scaled_add_rows_t<float>(p, row_begin, row_end, scratch); break;
     case FloatKind::BF16: scaled_add_rows_t<c10::BFloat16>(p, row_begin, row_end, scratch); break;
     case FloatKind::F16: scaled_add_rows_t<c10::Half>(p, row_begin, row_end, scratch); break;
+  }
+}
+
+void gelu_tanh_range(void* x, FloatKind kind, int64_t begin, int64_t end) {
+  switch (kind) {
+    case FloatKind::F32: gelu_tanh_range_t(static_cast<float*>(x), begin, end); break;
+    case FloatKind::BF16: gelu_tanh_range_t(static_cast<c10::BFloat16*>(x), begin, end); break;
+    case FloatKind::F16: gelu_tanh_range_t(static_cast<c10::Half*>(x), begin, end); break;
   }
 }
 

@@ -94,6 +94,8 @@ constexpr int64_t kScreenBlock = 256;  // entries per block_hi element (a multip
   void rotary_rows(const RotaryParams& p, int64_t row_begin, int64_t row_end);                       \
   /* rows r = b * L + l of scaled_add (see ScaledAddParams); scratch: 3 * D floats, private */       \
   void scaled_add_rows(const ScaledAddParams& p, int64_t row_begin, int64_t row_end, float* scratch); \
+  /* x[i] <- gelu_tanh(x[i]) for i in [begin, end) of a contiguous float32 / bf16 / fp16 array     */ \
+  void gelu_tanh_range(void* x, FloatKind kind, int64_t begin, int64_t end);                         \
   bool screen_max(const ScreenRow& p, float* lo_max, float* block_hi);                               \
   /* appends the v (ascending, + v_offset) with fl(s + e) >= T to idx/hi from position count,        */ \
   /* skipping blocks whose block_hi < T; returns the new count, or -1 as soon as it would exceed cap */ \
