@@ -65,6 +65,9 @@ def cmd_generate(args) -> int:
 
     from . import hub
     from .api import generate
+    from .limits import MAX_SAMPLES
+    from .noise import check_int
+    from .samplers import check_settings
 
     if args.repeat < 1:
         raise GenerationError(f"--repeat must be >= 1, got {args.repeat}")
@@ -72,6 +75,9 @@ def cmd_generate(args) -> int:
     if steps is None:
         published = hub.find_published(args.model) if not os.path.exists(args.model) else None
         steps = published.default_steps if published else 1
+    # settings that do not depend on the model are refused before it is loaded (seconds for a large checkpoint)
+    check_settings(two_time=True, steps=steps, stochasticity=0.0 if args.stochasticity is None else args.stochasticity)
+    check_int("num_samples", args.num_samples, 1, MAX_SAMPLES)
     t0 = time.perf_counter()
     model = cli_args.load_model(args)
     load_s = time.perf_counter() - t0
