@@ -8,7 +8,8 @@ faster than oneDNN on every block shape on the Intel machines measured, but pack
 keeps its packed copies for the last :data:`MKL_ROW_COUNTS` row counts it met); and oneDNN's
 ``_linear_pointwise``, which runs the bf16 products. The MLP's GELU runs after the product as the in-place
 ``flm_rt::gelu_tanh_`` (oneDNN's fused GELU post-op, the fallback without the compiled extension, made the
-[1024 x 3072 x 768] product 1.25x slower than the plain product plus that pass on a 2-core AVX2 Zen 3). The packed copies are made lazily on first use and cached per weight tensor, keyed on
+[1024 x 3072 x 768] product 1.25x slower than the plain product plus that pass on a 2-core AVX2 Zen 3);
+``FLM_RT_GELU_PASS=0`` goes back to the post-op. The packed copies are made lazily on first use and cached per weight tensor, keyed on
 the tensor's storage and version counter, so an in-place change or a reload of the weight re-packs it. The cache
 lives outside the modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear`` weights).
 
@@ -81,6 +82,7 @@ def clear_cache() -> None:
     _CACHE.clear()
     fp32_library.cache_clear()
     transposed_gemm_enabled.cache_clear()
+    gelu_pass_enabled.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,6 +134,13 @@ def _applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def transposed_gemm_enabled() -> bool:
     """``FLM_RT_TRANSPOSED_GEMM`` (default on), read once per process (:func:`clear_cache` re-reads it)."""
     return env_switch("FLM_RT_TRANSPOSED_GEMM")
+
+
+@functools.lru_cache(maxsize=1)
+def gelu_pass_enabled() -> bool:
+    """``FLM_RT_GELU_PASS`` (default on): the MLP's GELU as the ``flm_rt::gelu_tanh_`` pass after the plain product
+    rather than oneDNN's fused post-op; read once per process (:func:`clear_cache` re-reads it)."""
+    return env_switch("FLM_RT_GELU_PASS")
 
 
 def _transposed_product(rows: int, out_features: int) -> bool:
@@ -204,7 +213,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
     fp32 = _applies(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if activation == "gelu_tanh" and (fp32 or (not transposed and _applies_bf16(x, weight, bias))):
+    if activation == "gelu_tanh" and gelu_pass_enabled() and (fp32 or (not transposed and
+                                                                 _applies_bf16(x, weight, bias))):
         from . import ops  # (ops imports this module)
 
         if ops.kernels_backend(x.device, torch.float32 if fp32 else torch.bfloat16, "gelu_tanh_") == "ext":

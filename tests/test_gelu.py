@@ -129,10 +129,14 @@ def test_prepack_runs_the_product_then_this_pass(monkeypatch):
     assert calls == [torch.Size([2, 64, 384])]
     want = F.gelu(F.linear(x, w, b), approximate="tanh")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # without the kernel (FLM_RT_KERNELS=torch), the product takes oneDNN's fused GELU post-op instead
-    monkeypatch.setenv("FLM_RT_KERNELS", "torch")
-    calls.clear()
-    with torch.inference_mode():
-        fused = prepack.linear(x, w, b, activation="gelu_tanh")
-    assert calls == []
-    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    # without the kernel (FLM_RT_KERNELS=torch) or with FLM_RT_GELU_PASS=0, oneDNN's fused GELU post-op instead
+    for var, value in (("FLM_RT_KERNELS", "torch"), ("FLM_RT_GELU_PASS", "0")):
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            prepack.clear_cache()
+            calls.clear()
+            with torch.inference_mode():
+                fused = prepack.linear(x, w, b, activation="gelu_tanh")
+            assert calls == [], var
+            torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    prepack.clear_cache()
