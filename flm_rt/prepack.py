@@ -9,9 +9,10 @@ keeps its packed copies for the last :data:`MKL_ROW_COUNTS` row counts it met); 
 ``_linear_pointwise``, which runs the bf16 products. The MLP's GELU runs after the product as the in-place
 ``flm_rt::gelu_tanh_`` (oneDNN's fused GELU post-op, the fallback without the compiled extension, made the
 [1024 x 3072 x 768] product 1.25x slower than the plain product plus that pass on a 2-core AVX2 Zen 3);
-``FLM_RT_GELU_PASS=0`` goes back to the post-op. The packed copies are made lazily on first use and cached per weight tensor, keyed on
-the tensor's storage and version counter, so an in-place change or a reload of the weight re-packs it. The cache
-lives outside the modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear`` weights).
+``FLM_RT_GELU_PASS=0`` goes back to the post-op. The packed copies are made lazily on first use and cached per
+weight tensor, keyed on the tensor's storage and version counter, so an in-place change or a reload of the weight
+re-packs it. The cache lives outside the modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear``
+weights).
 
 It applies only where it computes the same function as ``F.linear`` up to float rounding (relative 1e-6): fp32
 tensors on CPU, autocast off, no autograd, not while tracing or exporting, and when torch has the library's ops; and

@@ -59,6 +59,15 @@ def test_the_newest_result_set_of_each_machine_fills_the_table(tmp_path):
     (res / "cpu-a" / "results.json").write_text(json.dumps(data))
     owt = [line for line in readme.render_table(str(res), str(tmp_path)).splitlines() if "| owt, 1 step, B 1 |" in line]
     assert "| 500 ms (bf16 emulated: slower than fp32) |" in owt[0]
+    # a newer set of fewer table cases (an A/B of one change) does not replace the fuller one; one as full does
+    _result_set(res / "cpu-a" / "ab" / "results.json", "2026-02-01T00:00:00Z", 0.700, 0.600)
+    table = readme.render_table(str(res), str(tmp_path))
+    assert "`bench/results/cpu-a/results.json`" in table and "700 ms" not in table
+    partial = json.loads((res / "cpu-a" / "ab" / "results.json").read_text())
+    partial["results"] += extra
+    (res / "cpu-a" / "ab" / "results.json").write_text(json.dumps(partial))
+    table = readme.render_table(str(res), str(tmp_path))
+    assert "`bench/results/cpu-a/ab/results.json`" in table and "700 ms" in table
 
 
 def test_rewrite_replaces_only_the_marked_section(tmp_path):
