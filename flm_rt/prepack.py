@@ -213,28 +213,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
     fp32 = _applies(x, weight, bias)
+    bf16 = not fp32 and not transposed and _applies_bf16(x, weight, bias)
+    if not (fp32 or bf16):
+        y = torch.matmul(x, weight) if transposed else F.linear(x, weight, bias)
+        if transposed and bias is not None:
+            y = y + bias
+        return F.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
+    gelu_pass = activation == "gelu_tanh" and _gelu_pass_applies(torch.float32 if fp32 else torch.bfloat16)
+    fused = None if gelu_pass else activation  # the activation oneDNN's GEMM applies
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if activation == "gelu_tanh" and gelu_pass_enabled() and (fp32 or (not transposed and
-                                                                 _applies_bf16(x, weight, bias))):
+    b = None if bias is None else bias.detach()
+    if fp32 and fused is None and rows > 0 and fp32_library() == "mkl":
+        w = weight.detach()
+        # the [out, in] view of the weight is only read on a row-count mismatch, which the cache key rules out
+        y = torch.ops.mkl._mkl_linear(x, _packed_mkl(weight, transposed, rows), w.t() if transposed else w, b, rows)
+    elif bf16 and any_layout and activation is None and _transposed_product(rows, weight.shape[0]):
+        y = _transposed_bf16(x, weight, bias)
+    else:
+        attr, algorithm = _ACTIVATIONS[fused]
+        y = torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), _packed_onednn(weight, transposed), b, attr, [],
+                                               algorithm)
+    if gelu_pass:
         from . import ops  # (ops imports this module)
 
-        if ops.kernels_backend(x.device, torch.float32 if fp32 else torch.bfloat16, "gelu_tanh_") == "ext":
-            return ops.gelu_tanh_(linear(x, weight, bias, transposed=transposed))
-    if fp32 and activation is None and fp32_library() == "mkl":
-        if rows > 0:
-            w = weight.detach()
-            b = None if bias is None else bias.detach()
-            # the [out, in] view of the weight is only read on a row-count mismatch, which the cache key rules out
-            return torch.ops.mkl._mkl_linear(x, _packed_mkl(weight, transposed, rows), w.t() if transposed else w,
-                                             b, rows)
-    if fp32 or (not transposed and _applies_bf16(x, weight, bias)):
-        if not fp32 and any_layout and activation is None and _transposed_product(rows, weight.shape[0]):
-            return _transposed_bf16(x, weight, bias)
-        attr, algorithm = _ACTIVATIONS[activation]
-        b = None if bias is None else bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), _packed_onednn(weight, transposed), b, attr, [],
-                                                  algorithm)
-    y = torch.matmul(x, weight) if transposed else F.linear(x, weight, bias)
-    if transposed and bias is not None:
-        y = y + bias
-    return F.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
+        ops.gelu_tanh_(y, backend="ext")
+    return y
+
+
+def _gelu_pass_applies(dtype: torch.dtype) -> bool:
+    """Whether the prepacked product's GELU runs as the compiled ``flm_rt::gelu_tanh_`` pass (on CPU, ``dtype``)."""
+    if not gelu_pass_enabled():
+        return False
+    from . import ops  # (ops imports this module)
+
+    return ops.kernels_backend("cpu", dtype, "gelu_tanh_") == "ext"

@@ -37,11 +37,11 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def newest_result_sets(results_dir: str) -> list:
+def result_sets(results_dir: str) -> list:
     """[(path, data)] of the ``results.json`` per machine (its first folder under ``results_dir``) that covers the
     most table cases, the newest among those, in machine order. Files without a dated ``meta`` and a ``results``
     list (other tools' outputs) are not sets."""
-    newest: dict = {}
+    best: dict = {}
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "**", "results.json"), recursive=True)):
         try:
             with open(path) as f:
@@ -53,9 +53,9 @@ def newest_result_sets(results_dir: str) -> list:
             continue
         machine = os.path.relpath(path, results_dir).split(os.sep)[0]
         rank = (_cases_covered(data), meta["date_utc"])
-        if machine not in newest or rank > newest[machine][2]:
-            newest[machine] = (path, data, rank)
-    return [newest[m][:2] for m in sorted(newest)]
+        if machine not in best or rank > best[machine][2]:
+            best[machine] = (path, data, rank)
+    return [best[m][:2] for m in sorted(best)]
 
 
 def _cases_covered(data: dict) -> int:
@@ -127,13 +127,13 @@ def _cells(rows: dict, shape: str, steps: int, batch: int) -> Optional[list]:
 
 
 def render_table(results_dir: str, root: Optional[str] = None) -> str:
-    """The Markdown between the markers: one table, the newest result set of each machine, and its sources
-    (paths relative to ``root``, the repository by default)."""
+    """The Markdown between the markers: one table, the result set of each machine (:func:`result_sets`), and its
+    sources (paths relative to ``root``, the repository by default)."""
     root = root or _repo_root()
     lines = ["| machine | ISA | date, load average | case | " + " | ".join(h for _, h in COLUMNS) + " |",
              "|---|---|---|---|" + "---:|" * len(COLUMNS)]
     sources = []
-    for path, data in newest_result_sets(results_dir):
+    for path, data in result_sets(results_dir):
         meta = data["meta"]
         rows = {(r["shape"], r["row"], r.get("steps"), r["batch"]): r for r in data["results"]
                 if isinstance(r, dict) and r.get("status") == "ok"}
