@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_vendor", "native_bf16", "bf16_reason", "is_native_reason", "isa_summary",
+__all__ = ["cpu_flags", "cpu_vendor", "native_bf16", "amx_bf16", "bf16_reason", "is_native_reason", "isa_summary",
            "warn_if_emulated", "EmulatedDtypeWarning", "NATIVE_BF16_FLAGS"]
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -23,6 +23,9 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _ONEDNN_BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
                      "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL",
                      "DEFAULT"}
+# the caps at or above which they run on AMX tiles
+_ONEDNN_AMX_ISAS = {"AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16",
+                    "AVX10_2_512_AMX_2", "ALL", "DEFAULT"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,6 +70,15 @@ def bf16_reason() -> str:
 def native_bf16() -> bool:
     """True when bf16 matrix products run on bf16 instructions (avx512_bf16 or amx_bf16, not capped)."""
     return is_native_reason(bf16_reason())
+
+
+def amx_bf16() -> bool:
+    """True when oneDNN's bf16 GEMMs run on AMX tiles: bf16 is native, the CPU has amx_bf16 and
+    ``ONEDNN_MAX_CPU_ISA`` does not cap oneDNN below AMX."""
+    if "amx_bf16" not in cpu_flags() or not native_bf16():
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return not cap or cap in _ONEDNN_AMX_ISAS
 
 
 def is_native_reason(reason: str) -> bool:

@@ -26,8 +26,10 @@ One bf16 shape class takes another product: a narrow weight (out <= 1024) agains
 blocks' [1024 x 768] attn_out and mlp.2 products at 1024 rows, where oneDNN's linear ran at about half its rate
 (1000-1250 GFLOP/s against 2000 on the 2-core development machine with AMX, docs/KERNELS.md). There, for a caller
 that accepts it (``any_layout=True``), the product is computed as ``W @ X^T`` and returned as the transposed view of
-that [out, rows] result; ``flm_rt.ops.scaled_add`` reads such a view by tiles. ``FLM_RT_TRANSPOSED_GEMM=0`` turns
-it off.
+that [out, rows] result; ``flm_rt.ops.scaled_add`` reads such a view by tiles. This is the default only where the
+bf16 GEMMs run on AMX: on a 2-core Zen 5 with AVX512-BF16 and no AMX, oneDNN's linear ran those shapes at
+810-880 GFLOP/s, faster than the transposed product, which made a B 8 step 9% slower there.
+``FLM_RT_TRANSPOSED_GEMM=1`` / ``0`` forces it on / off.
 """
 from __future__ import annotations
 
@@ -133,8 +135,12 @@ def _applies_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 @functools.lru_cache(maxsize=1)
 def transposed_gemm_enabled() -> bool:
-    """``FLM_RT_TRANSPOSED_GEMM`` (default on), read once per process (:func:`clear_cache` re-reads it)."""
-    return env_switch("FLM_RT_TRANSPOSED_GEMM")
+    """``FLM_RT_TRANSPOSED_GEMM`` (default: on where oneDNN's bf16 GEMMs run on AMX, the machine where the
+    transposed product was measured faster; off elsewhere, e.g. AVX512-BF16 without AMX, where it was 9% slower
+    end to end), read once per process (:func:`clear_cache` re-reads it)."""
+    from .cpu_features import amx_bf16
+
+    return env_switch("FLM_RT_TRANSPOSED_GEMM", default=amx_bf16())
 
 
 @functools.lru_cache(maxsize=1)

@@ -80,6 +80,35 @@ def test_detection_follows_the_flags(monkeypatch):
     assert summary["onednn_max_cpu_isa"] == "AVX512_CORE" and "bf16" in summary
 
 
+@pytest.mark.parametrize("flags,cap,want", [
+    ({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, None, True),
+    ({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, "AVX512_CORE_BF16", False),  # capped below AMX
+    ({"avx512f", "avx512_bf16"}, None, False),  # AVX512-BF16 without AMX (Zen 4/5)
+    ({"avx2", "fma"}, None, False),
+])
+def test_amx_detection_and_the_transposed_product_default(monkeypatch, flags, cap, want):
+    """amx_bf16() follows the flags and the oneDNN cap; the bf16 transposed product defaults to it, and
+    FLM_RT_TRANSPOSED_GEMM overrides either way."""
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if "avx512f" in flags else "AVX2")
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.delenv("FLM_RT_TRANSPOSED_GEMM", raising=False)
+    try:
+        assert cpu_features.amx_bf16() == want
+        prepack.clear_cache()
+        assert prepack.transposed_gemm_enabled() == want
+        for forced, value in (("1", True), ("0", False)):
+            monkeypatch.setenv("FLM_RT_TRANSPOSED_GEMM", forced)
+            prepack.clear_cache()
+            assert prepack.transposed_gemm_enabled() == value
+    finally:
+        monkeypatch.undo()
+        prepack.clear_cache()
+
+
 @pytest.mark.skipif(not cpu_features.native_bf16() or not prepack.is_enabled(),
                     reason="this CPU has no native bf16 (or oneDNN is missing)")
 def test_bf16_products_are_prepacked_and_agree(monkeypatch):

@@ -196,6 +196,8 @@ def test_bf16_transposed_product(prepack_state, monkeypatch, rows, out, bias):
     x = torch.randn(2, rows // 2, 64, generator=g)
     w = torch.randn(out, 64, generator=g).to(torch.bfloat16)
     b = torch.randn(out, generator=g).to(torch.bfloat16) if bias else None
+    monkeypatch.setenv("FLM_RT_TRANSPOSED_GEMM", "1")  # the default is on only where bf16 runs on AMX
+    prepack.clear_cache()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = F.linear(x, w, b).float()
         got = prepack.linear(x, w, b, any_layout=True)
