@@ -11,7 +11,8 @@ keeps its packed copies for the last :data:`MKL_ROW_COUNTS` row counts it met); 
 [1024 x 3072 x 768] product 1.25x slower than the plain product plus that pass on a 2-core AVX2 Zen 3);
 ``FLM_RT_GELU_PASS=0`` goes back to the post-op. The packed copies are made lazily on first use and cached per
 weight tensor, keyed on the tensor's storage and version counter, so an in-place change or a reload of the weight
-re-packs it. The cache lives outside the modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear``
+re-packs it (weights made under ``torch.inference_mode`` have no version counter: an in-place change to one, possible
+only inside inference mode, is not seen; call :func:`clear_cache` after one). The cache lives outside the modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear``
 weights).
 
 It applies only where it computes the same function as ``F.linear`` up to float rounding (relative 1e-6): fp32
@@ -157,7 +158,9 @@ def _transposed_product(rows: int, out_features: int) -> bool:
 
 def _forms(weight: torch.Tensor) -> dict:
     """The packed copies of ``weight`` ({form: packed}), emptied when the weight changed in place or was replaced."""
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    # an inference tensor (made under torch.inference_mode) has no version counter; it can change in place only
+    # inside inference mode, which this key cannot see
+    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, tuple(weight.shape))
     wid = id(weight)
     hit = _CACHE.get(wid)
     if hit is not None and hit[0]() is weight and hit[1] == key:

@@ -318,3 +318,24 @@ def test_torch_without_the_onednn_ops_falls_back(prepack_state, monkeypatch):
     with torch.no_grad():
         assert torch.equal(prepack.linear(x, w, activation="gelu_tanh"), F.gelu(F.linear(x, w), approximate="tanh"))
     assert not prepack._CACHE
+
+
+@pytest.mark.parametrize("noise_space", ["vocab", "embedding"])
+def test_model_made_under_inference_mode(noise_space):
+    """Weights created under torch.inference_mode are inference tensors, which have no version counter: the
+    packed-weight caches (here and in the C++ vocabulary pass) key them without one, and such a model generates
+    the ids of the same model made normally, also when called again (a cache hit)."""
+    import flm_rt
+    from flm_rt.model import preset_config
+
+    cfg = preset_config("tiny")
+    kw = dict(num_samples=2, steps=2, decode=False, noise_space=noise_space)
+    plain = flm_rt.random_model(cfg, seed=4, output_scale=8.0)
+    want = flm_rt.generate(plain, generator=torch.Generator().manual_seed(9), **kw).token_ids
+    with torch.inference_mode():
+        model = flm_rt.random_model(cfg, seed=4, output_scale=8.0)
+    assert model.denoiser.blocks[0].attn_qkv.weight.is_inference()
+    for _ in range(2):
+        got = flm_rt.generate(model, generator=torch.Generator().manual_seed(9), **kw).token_ids
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+    assert id(model.denoiser.blocks[0].attn_qkv.weight) in prepack._CACHE

@@ -45,19 +45,25 @@ namespace {
 // reference to the weight's TensorImpl and its version counter and data pointer, so a freed, replaced or
 // modified-in-place weight is never served from a stale entry; dead entries are dropped on the next insert.
 // What a cached entry was made from: alive, at the same address, unmodified and cut in the same chunks.
+using Version = decltype(std::declval<const at::Tensor&>()._version());  // uint32_t or int64_t, by torch version
+
+// Inference tensors (made under torch.inference_mode) have no version counter: 0 for them. They can change in place
+// only inside inference mode, which the cache cannot see (docs/KERNELS.md).
+Version version_of(const at::Tensor& w) { return w.is_inference() ? Version{0} : w._version(); }
+
 struct WeightKey {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
   const void* data;
-  decltype(std::declval<const at::Tensor&>()._version()) version;  // uint32_t or int64_t, by torch version
+  Version version;
   int64_t chunk;
 
   static WeightKey of(const at::Tensor& w, int64_t chunk) {
     return {c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
-            w.const_data_ptr(), w._version(), chunk};
+            w.const_data_ptr(), version_of(w), chunk};
   }
   bool fresh_for(const at::Tensor& w, int64_t chunk_) const {
     auto alive = owner.lock();
-    return alive.get() == w.unsafeGetTensorImpl() && data == w.const_data_ptr() && version == w._version() &&
+    return alive.get() == w.unsafeGetTensorImpl() && data == w.const_data_ptr() && version == version_of(w) &&
            chunk == chunk_;
   }
 };
