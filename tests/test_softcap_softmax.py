@@ -128,6 +128,19 @@ def test_compile_traces_through_the_op():
     assert torch.equal(fn(x), torch.ops.flm_rt.softcap_softmax(x, SCALE, CAP))
 
 
+def _count_calls(monkeypatch) -> list:
+    """Replace ops.softcap_softmax_ by a wrapper recording (dtype, shape) of each call; returns the record."""
+    calls = []
+    real = ops.softcap_softmax_
+
+    def counting(s, scale, cap, **kw):
+        calls.append((s.dtype, tuple(s.shape)))
+        return real(s, scale, cap, **kw)
+
+    monkeypatch.setattr(ops, "softcap_softmax_", counting)
+    return calls
+
+
 def test_bf16_model_uses_the_fused_pass(monkeypatch):
     """The bf16 denoiser on the CPU calls the op once per block, and its output stays within bf16 noise of the plain
     path (which caps in bf16 arithmetic and round-trips the softmax through fp32)."""
@@ -138,14 +151,7 @@ def test_bf16_model_uses_the_fused_pass(monkeypatch):
     cfg = model.config
     x = torch.randn(2, 16, cfg.vocab_size, generator=torch.Generator().manual_seed(6))
     t = torch.full((2,), 0.3)
-    calls = []
-    real = ops.softcap_softmax_
-
-    def counting(s, scale, cap, **kw):
-        calls.append((s.dtype, tuple(s.shape)))
-        return real(s, scale, cap, **kw)
-
-    monkeypatch.setattr(ops, "softcap_softmax_", counting)
+    calls = _count_calls(monkeypatch)
     with torch.inference_mode():
         fused = model.denoiser(x, t, t if cfg.two_time else None).float()
         assert len(calls) == cfg.n_blocks and all(c[0] == torch.bfloat16 for c in calls)
@@ -167,14 +173,7 @@ def test_fp32_model_uses_the_fused_pass_with_the_same_logits_and_ids(monkeypatch
     cfg = model.config
     x = torch.randn(3, cfg.length, cfg.vocab_size, generator=torch.Generator().manual_seed(7))
     t = torch.full((3,), 0.4)
-    calls = []
-    real = ops.softcap_softmax_
-
-    def counting(s, scale, cap, **kw):
-        calls.append((s.dtype, tuple(s.shape)))
-        return real(s, scale, cap, **kw)
-
-    monkeypatch.setattr(ops, "softcap_softmax_", counting)
+    calls = _count_calls(monkeypatch)
     with torch.inference_mode():
         fused = model.denoiser(x, t, t)
         assert calls == [(torch.float32, (3, cfg.n_heads, cfg.length, cfg.length))] * cfg.n_blocks
@@ -185,8 +184,7 @@ def test_fp32_model_uses_the_fused_pass_with_the_same_logits_and_ids(monkeypatch
     assert 0 <= rel < 1e-5, rel
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
     monkeypatch.undo()
-    calls.clear()
-    monkeypatch.setattr(ops, "softcap_softmax_", counting)
+    calls = _count_calls(monkeypatch)
     xg = x.clone().requires_grad_(True)
     model.denoiser(xg, t, t).sum().backward()  # autograd: the plain ops, differentiable
     assert calls == [] and xg.grad is not None and xg.grad.abs().sum() > 0
