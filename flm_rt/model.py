@@ -198,6 +198,7 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _fused_softmax(scores: torch.Tensor) -> bool:
+    """Whether softcapped_attention caps and normalises ``scores`` with ``ops.softcap_softmax_`` (CPU inference)."""
     return _cpu_op(scores, "softcap_softmax_")
 
 

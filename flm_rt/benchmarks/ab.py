@@ -6,8 +6,9 @@ so a drift of the machine hits both alike::
 
     python -m flm_rt.benchmarks.ab FLM_RT_TRANSPOSED_GEMM --dtypes bfloat16 --spaces vocab,embedding --pairs 7
 
-Each arm is warmed up (2 calls) before the timed pairs (CPU, the benchmarks' timer, flm_rt.benchmarks.timing); the report gives per arm the median, the min-max and the
-ids' agreement between the arms (1.0: the switch does not change the tokens). The switch is an environment
+Each arm is warmed up (2 calls) before the timed pairs (on the CPU, with the benchmarks' one timer,
+flm_rt.benchmarks.timing); the report gives per arm the median, the min-max and the ids' agreement between the
+arms (1.0: the switch does not change the tokens). The switch is an environment
 variable read by flm_rt at the next call (the prepack switches' cached values are re-read without dropping the
 packed weights).
 """
