@@ -11,9 +11,9 @@ keeps its packed copies for the last :data:`MKL_ROW_COUNTS` row counts it met); 
 [1024 x 3072 x 768] product 1.25x slower than the plain product plus that pass on a 2-core AVX2 Zen 3);
 ``FLM_RT_GELU_PASS=0`` goes back to the post-op. The packed copies are made lazily on first use and cached per
 weight tensor, keyed on the tensor's storage and version counter, so an in-place change or a reload of the weight
-re-packs it (weights made under ``torch.inference_mode`` have no version counter: an in-place change to one, possible
-only inside inference mode, is not seen; call :func:`clear_cache` after one). The cache lives outside the modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear``
-weights).
+re-packs it (weights made under ``torch.inference_mode`` have no version counter: an in-place change to one,
+possible only inside inference mode, is not seen; call :func:`clear_cache` after one). The cache lives outside the
+modules (state dicts, ``deepcopy`` and export see plain ``nn.Linear`` weights).
 
 It applies only where it computes the same function as ``F.linear`` up to float rounding (relative 1e-6): fp32
 tensors on CPU, autocast off, no autograd, not while tracing or exporting, and when torch has the library's ops; and
