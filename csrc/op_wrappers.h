@@ -29,6 +29,19 @@ inline at::Tensor empty_contiguous_like(const at::Tensor& t) {
   return at::empty(t.sizes(), t.options().memory_format(c10::MemoryFormat::Contiguous));
 }
 
+// fn(t) on x itself when x is contiguous, else on a contiguous copy that is then copied back into x: the fallback
+// of the in-place ops whose kernels read and write one contiguous array (softcap_softmax_, gelu_tanh_).
+template <typename Fn>
+void inplace_on_contiguous(at::Tensor& x, Fn&& fn) {
+  if (x.is_contiguous()) {
+    fn(x);
+    return;
+  }
+  at::Tensor tmp = x.contiguous();
+  fn(tmp);
+  x.copy_(tmp);
+}
+
 // (indices int64, values x.dtype), both of shape x.shape[:-1], uninitialised.
 inline std::tuple<at::Tensor, at::Tensor> empty_argmax_outputs(const at::Tensor& x) {
   const auto sizes = x.sizes().slice(0, x.dim() - 1);

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from .limits import env_switch
 from .tracing import is_capturing
 
-__all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "cpu_fp32_inference", "fp32_library",
-           "MKL_ROW_COUNTS"]
+__all__ = ["linear", "set_enabled", "is_enabled", "clear_cache", "reread_switches", "cpu_fp32_inference",
+           "fp32_library", "MKL_ROW_COUNTS"]
 
 _ENABLED: Optional[bool] = None  # None: read FLM_RT_PREPACK on first use
 _TRANSPOSED_MAX_OUT = 1024  # the bf16 transposed product: weights with at most this many outputs, more rows than outputs
@@ -83,7 +83,14 @@ _HAVE_MKL_LINEAR = torch.backends.mkl.is_available() and all(
 
 
 def clear_cache() -> None:
+    """Drop every packed weight and re-read the switches."""
     _CACHE.clear()
+    reread_switches()
+
+
+def reread_switches() -> None:
+    """Re-read the environment switches read once per process (``FLM_RT_PREPACK_LIBRARY``,
+    ``FLM_RT_TRANSPOSED_GEMM``, ``FLM_RT_GELU_PASS``) at their next use, keeping the packed weights."""
     fp32_library.cache_clear()
     transposed_gemm_enabled.cache_clear()
     gelu_pass_enabled.cache_clear()

@@ -7,6 +7,7 @@
 // the four passes (scale, tanh, cap, softmax) and, in bf16, the fp32 round trips of the plain-PyTorch version.
 // at::parallel_for over rows, each task with an L-float scratch row; the row kernel is in vec_kernels.cpp.
 #include "../common.h"
+#include "../op_wrappers.h"
 #include "dispatch.h"
 
 #include <ATen/ATen.h>
@@ -58,13 +59,7 @@ at::Tensor softcap_softmax_cpu(const at::Tensor& x, double scale, double cap) {
 
 void softcap_softmax_inplace_cpu(at::Tensor& x, double scale, double cap) {
   const RowShape s = check_softmax_input("flm_rt::softcap_softmax_", x, scale);
-  if (x.is_contiguous()) {
-    run(x, x, scale, cap, s);
-  } else {
-    at::Tensor tmp = x.contiguous();
-    run(tmp, tmp, scale, cap, s);
-    x.copy_(tmp);
-  }
+  inplace_on_contiguous(x, [&](const at::Tensor& t) { run(t, t, scale, cap, s); });
 }
 
 }  // namespace

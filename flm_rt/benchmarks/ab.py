@@ -35,8 +35,7 @@ def switched(name: str, on: bool):
 
     old = os.environ.get(name)
     os.environ[name] = "1" if on else "0"
-    prepack.gelu_pass_enabled.cache_clear()
-    prepack.transposed_gemm_enabled.cache_clear()
+    prepack.reread_switches()
     try:
         yield
     finally:
@@ -44,8 +43,7 @@ def switched(name: str, on: bool):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
-        prepack.gelu_pass_enabled.cache_clear()
-        prepack.transposed_gemm_enabled.cache_clear()
+        prepack.reread_switches()
 
 
 def run_ab(switch: str, shape: str = "lm1b", dtypes=("float32",), spaces=("vocab",), batches=(1, 8), steps: int = 1,
